@@ -1,0 +1,3 @@
+"""An R1-style GRPO trainer: vLLM/HF rollouts, rule-based rewards, DeepSpeed ZeRO updates."""
+
+__version__ = "0.1.0"

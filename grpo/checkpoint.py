@@ -1,0 +1,107 @@
+"""Resumable checkpoints, published atomically.
+
+Layout: `output_dir/checkpoints/step-000012/` holds DeepSpeed's state (model, optimizer, scheduler, per ZeRO
+rank) under `state/`, our `meta.json` (step, data position, run ids, world size, config) and one RNG file per
+rank. It is written under `.staging-000012` and renamed once every rank finished and `COMPLETE` was written
+last, so a crash mid-save never leaves a half checkpoint under a final name. The newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"step-(\d+)$")
+MARKER = "COMPLETE"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, newest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / MARKER).is_file() and (p / "meta.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the published directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{step:06d}"
+    final = root / f"step-{step:06d}"
+    if rank == 0 and staging.exists():
+        shutil.rmtree(staging)
+    dist.barrier()
+    engine.save_checkpoint(str(staging), tag="state")
+    torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        (staging / MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        for old in complete_checkpoints(root)[max(1, keep) :]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def find_resume(root: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: `never` -> None, a path -> it, `auto` -> newest complete one."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        p = Path(resume)
+        if not ((p / MARKER).is_file() and (p / "meta.json").is_file()):
+            raise FileNotFoundError(f"checkpoint.resume: {p} is not a complete checkpoint")
+        return p
+    for p in complete_checkpoints(root):
+        try:
+            json.loads((p / "meta.json").read_text())
+            return p
+        except (OSError, ValueError) as e:
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", p, e)
+    return None
+
+
+def load(engine, path: Path, rank: int, world_size: int) -> dict[str, Any]:
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != world_size:
+        raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
+                           f"{world_size}: ZeRO states do not reshard without conversion (DeepSpeed's universal "
+                           "checkpoint); resume with the same number of processes")
+    load_path, _ = engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {path}/state")
+    set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=False))
+    return meta

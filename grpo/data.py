@@ -1,0 +1,167 @@
+"""Prompts: procedural `reasoning-gym` tasks or HF `datasets`, chat template applied, a held-out split.
+
+Every row keeps its data set columns (so rewards receive `answer`, ...), plus a stable `prompt_id`, the
+rendered `prompt` text and its token ids. Prompts longer than `max_prompt_tokens` are reported and dropped,
+never silently cut. The sampler walks a seeded permutation per epoch, and its position is part of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from grpo.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class PromptSet:
+    rows: list[dict[str, Any]]  # columns + prompt_id, prompt, prompt_ids
+    columns: list[str]  # the data set's own columns (what rewards may ask for)
+    dropped_too_long: list[str]  # prompt ids
+
+
+def load_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, held-out rows) as plain dicts with a `prompt_id`. Eval rows never appear in train."""
+    if cfg.source == "reasoning_gym":
+        return _reasoning_gym_rows(cfg)
+    return _hf_rows(cfg)
+
+
+def _reasoning_gym_rows(cfg: DataConfig):
+    import reasoning_gym
+
+    def make(size: int, seed: int, tag: str) -> list[dict[str, Any]]:
+        try:
+            ds = reasoning_gym.create_dataset(cfg.task, size=size, seed=seed, **cfg.task_args)
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"data.task/data.task_args: reasoning-gym cannot build {cfg.task!r} with "
+                              f"{cfg.task_args}: {e}") from None
+        rows = []
+        for i, x in enumerate(ds):
+            rows.append({"prompt_id": f"{cfg.task}-{tag}{i}", "question": x["question"], "answer": str(x["answer"]),
+                         "metadata": json.dumps(x.get("metadata", {}), default=str)})
+        return rows
+
+    # The held-out problems are drawn first (own seed, duplicates removed) and every training problem equal to
+    # one of them is removed: small task spaces (1-digit arithmetic) repeat problems across draws.
+    held, seen = [], set()
+    for r in make(4 * cfg.num_eval, cfg.seed + 1_000_003, "eval") if cfg.num_eval else []:
+        if r["question"] not in seen and len(held) < cfg.num_eval:
+            seen.add(r["question"])
+            held.append(r)
+    train = [r for r in make(cfg.num_train, cfg.seed, "") if r["question"] not in seen]
+    return train, held
+
+
+def _hf_rows(cfg: DataConfig):
+    import datasets
+
+    path = cfg.path
+    assert path is not None
+    p = Path(path).expanduser()
+    try:
+        if p.exists():
+            fmt = LOCAL_FORMATS.get(p.suffix.lower())
+            if fmt is None:
+                raise ConfigError(f"data.path: {p}: unsupported file type (use {', '.join(LOCAL_FORMATS)})")
+            ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+        elif path.startswith((".", "/", "~")):
+            raise ConfigError(f"data.path: {path} does not exist")
+        else:
+            ds = datasets.load_dataset(path, split=cfg.split)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; name the file
+        raise ConfigError(f"data.path: cannot load {path}: {type(e).__name__}: {e}") from None
+    if len(ds) == 0:
+        raise ConfigError(f"data.path: {path} is empty")
+    for col in (cfg.prompt_column, cfg.answer_column):
+        if col not in ds.column_names:
+            raise ConfigError(f"data: column {col!r} not in {path} (columns: {ds.column_names})")
+    rows = []
+    for i, x in enumerate(ds):
+        row = {k: (v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, default=str))
+               for k, v in x.items()}
+        row["prompt_id"] = f"row-{i}"
+        if cfg.prompt_column != "question":
+            row.setdefault("question", row[cfg.prompt_column])
+        if cfg.answer_column != "answer":
+            row["answer"] = row[cfg.answer_column]
+        rows.append(row)
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    rows = [rows[i] for i in order]
+    if cfg.num_eval >= len(rows):
+        raise ConfigError(f"data.num_eval={cfg.num_eval} leaves no training rows in {path} ({len(rows)} rows)")
+    held, train = rows[: cfg.num_eval], rows[cfg.num_eval :]
+    return train[: cfg.num_train], held
+
+
+def render(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer) -> PromptSet:
+    """Apply the prompt template and chat template; drop (and report) prompts over the token limit."""
+    if not rows:
+        raise ConfigError("data: the training split is empty")
+    out, dropped = [], []
+    for row in rows:
+        try:
+            user = cfg.prompt_template.format(**row)
+        except KeyError as e:
+            raise ConfigError(f"data.prompt_template: no column {e.args[0]!r} (columns: {sorted(row)})") from None
+        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else [])
+        messages.append({"role": "user", "content": user})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.max_prompt_tokens:
+            dropped.append(row["prompt_id"])
+            continue
+        out.append({**row, "prompt": text, "prompt_ids": ids})
+    if dropped:
+        log.warning("data: %d prompt(s) longer than data.max_prompt_tokens=%d were dropped (not cut): %s",
+                    len(dropped), cfg.max_prompt_tokens, ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10
+                                                                                     else ""))
+    if not out:
+        raise ConfigError(f"data: every prompt is longer than data.max_prompt_tokens={cfg.max_prompt_tokens}")
+    columns = sorted(k for k in rows[0] if k not in ("prompt_id",))
+    return PromptSet(out, columns, dropped)
+
+
+class PromptSampler:
+    """Seeded permutation per epoch; `state()` / `load_state()` make the data position part of a checkpoint."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.size:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation()
+            n = min(k - len(out), self.size - self.pos)
+            out += self._perm[self.pos : self.pos + n].tolist()
+            self.pos += n
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "size": self.size, "seed": self.seed}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        if state["size"] != self.size or state["seed"] != self.seed:
+            raise ConfigError(f"resume: the checkpoint's data set has {state['size']} prompts (seed "
+                              f"{state['seed']}), this run has {self.size} (seed {self.seed}): the data "
+                              "changed; refusing to resume misaligned")
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._permutation()

@@ -1,0 +1,128 @@
+"""DeepSpeed: distributed set-up, the ZeRO engine for the policy, and a frozen reference when beta > 0.
+
+On CPU (`DS_ACCELERATOR=cpu`) the gloo backend runs several processes on one machine, so multi-process ZeRO runs
+for real in CI; on GPUs NCCL. A single process with no launcher gets a one-rank process group of its own.
+The optimizer steps once per rollout batch (per pass): micro-batches accumulate gradients, and the loss of each
+micro-batch is already normalised for the whole step, so DeepSpeed's own division by the accumulation count is
+switched off (`scale_wrt_gas=False`) and its averaging over ranks is undone by the caller's scale.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import Any
+
+import torch
+
+from grpo.config import Config, ConfigError
+
+
+def pick_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no GPU is visible (use device=cpu or auto)")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def check_device_options(cfg: Config, device: str) -> None:
+    """GPU-only options fail at start-up on CPU, naming the key."""
+    if device == "cpu":
+        if cfg.deepspeed.offload_optimizer:
+            raise ConfigError("deepspeed.offload_optimizer: needs a GPU (on CPU the optimizer is already there)")
+        if cfg.model.attn_implementation == "flash_attention_2":
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs a GPU")
+        if cfg.model.dtype == "float16":
+            raise ConfigError("model.dtype: float16 training needs a GPU (use float32 or bfloat16)")
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world_size). Fills in a one-process rendezvous when started without a launcher."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    """Multiplier on the base LR at optimizer step s: linear warm-up, then constant / cosine / linear decay."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total - warmup)
+        frac = min(1.0, (s - warmup) / span)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0 - frac
+
+    return f
+
+
+def ds_config(cfg: Config, micro_batch: int, grad_accum: int, train: bool = True) -> dict[str, Any]:
+    z: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage > 0:
+        z["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.deepspeed.zero_stage == 3:
+        z.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0)
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": z,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train:
+        out["gradient_clipping"] = cfg.optim.max_grad_norm
+        out["optimizer"] = {"type": "AdamW", "params": {
+            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
+            "eps": 1e-8, "torch_adam": True}}
+    return out
+
+
+def build_policy_engine(model: torch.nn.Module, cfg: Config, micro_batch: int, grad_accum: int):
+    import deepspeed
+
+    total_updates = cfg.steps * cfg.algo.num_iterations
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim.warmup_steps, total_updates,
+                                                                cfg.optim.schedule))
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=ds_config(cfg, micro_batch, grad_accum), lr_scheduler=scheduler)
+    return engine
+
+
+def build_reference(model: torch.nn.Module, cfg: Config, micro_batch: int, grad_accum: int):
+    """A frozen copy for the KL term; sharded like the policy under ZeRO-3, plain otherwise."""
+    model.requires_grad_(False)
+    model.eval()
+    if cfg.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config(cfg, micro_batch, grad_accum, train=False))
+        engine.eval()
+        return engine.module
+    return model

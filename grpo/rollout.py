@@ -1,0 +1,151 @@
+"""Rollout engines: G completions per prompt, with token ids, sampling logprobs and a finish reason.
+
+Interface (kept stable; the vLLM engines implement the same):
+    engine.generate(prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]
+    engine.sync(model) -> None   # make the engine sample from the trainer's current weights
+
+`HFEngine` samples with transformers' `generate` from the trainer's own module, so its weights are always
+current and `sync` has nothing to copy (under ZeRO-3 the shards are gathered for the duration of a rollout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    ids: list[int]  # completion token ids, the stop token included when there is one
+    text: str  # decoded without special tokens
+    logprobs: list[float]  # engine's sampling logprob of each token (after temperature/top-p)
+    finish_reason: str  # "stop" | "length"
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]: ...
+
+    def sync(self, model: torch.nn.Module) -> None: ...
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Runs last in the processor list, so it sees the distribution actually sampled from. It keeps one step of
+    normalised scores and reads the chosen token at the next call: memory is one [B, V] tensor, not [steps, B, V]."""
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def _take(self, chosen: torch.Tensor) -> None:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, chosen[:, None]).squeeze(-1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self._take(last_tokens)
+        self.prev = None
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
+
+
+class HFEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, gather_zero3: bool = False):
+        self.model = model
+        self.tok = tokenizer
+        self.batch_size = batch_size
+        self.gather_zero3 = gather_zero3
+        self.eos_ids = _stop_ids(tokenizer, model)
+
+    def sync(self, model: torch.nn.Module) -> None:
+        self.model = model  # same module: the weights are the trainer's own
+
+    def _gathered(self):
+        if not self.gather_zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        flat = [p for p in prompts for _ in range(n)]
+        # Similar lengths in one generate call waste less on left padding; results go back in order.
+        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+        results: list[Completion | None] = [None] * len(flat)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._gathered():
+                for start in range(0, len(order), self.batch_size):
+                    idx = order[start : start + self.batch_size]
+                    for i, c in zip(idx, self._generate_batch([flat[i] for i in idx], params), strict=False):
+                        results[i] = c
+        finally:
+            self.model.train(was_training)
+        return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        recorder = _SampledLogprobs()
+        procs = LogitsProcessorList()
+        if not params.greedy:
+            if params.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_p < 1.0:
+                procs.append(TopPLogitsWarper(params.top_p))
+        procs.append(recorder)
+        gen_cfg = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
+                                   temperature=1.0, top_p=1.0, top_k=None, eos_token_id=self.eos_ids,
+                                   pad_token_id=pad, use_cache=True)
+        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  generation_config=gen_cfg, logits_processor=procs)
+        new = out[:, width:].cpu()
+        logps = recorder.finish(new[:, -1].to(device)).cpu() if new.shape[1] else torch.zeros(len(prompts), 0)
+        completions = []
+        for i, p in enumerate(prompts):
+            toks = new[i].tolist()
+            stop = next((j for j, t in enumerate(toks) if t in self.eos_ids), None)
+            if stop is not None:
+                toks, reason = toks[: stop + 1], "stop"
+            else:
+                reason = "length"
+            text = self.tok.decode(toks, skip_special_tokens=True)
+            completions.append(Completion(list(p), toks, text, logps[i, : len(toks)].tolist(), reason))
+        return completions
+
+
+def _stop_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

@@ -1,0 +1,458 @@
+"""The GRPO loop. One step, in the order data flows:
+
+    rollout (G completions per prompt) -> rewards -> advantages -> logprobs -> update -> sync -> log -> checkpoint
+
+Every rank samples its own share of prompts (groups never straddle ranks), so advantages are local; only the
+loss normalisers (global token and sequence counts) and the logged statistics cross ranks.
+Deliberately left out of the default: the reference model (beta = 0) and the second forward for old logprobs
+(one pass per batch makes the ratio exactly 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from grpo import checkpoint as ckpt
+from grpo.advantages import ADVANTAGES, zero_variance_groups
+from grpo.config import Config, ConfigError, to_dict
+from grpo.data import PromptSampler, load_rows, render
+from grpo.engine import build_policy_engine, build_reference, check_device_options, init_distributed, pick_device
+from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
+from grpo.loss import policy_loss, token_weights, truncated_is_weights
+from grpo.model import load_model, load_tokenizer, resolve_model_path
+from grpo.rollout import Completion, HFEngine, SamplingParams
+from grpo.tracking import Metrics, write_records
+from rewards.runner import Reward, build_rewards, check_columns, score
+
+log = logging.getLogger("grpo")
+
+
+@dataclass
+class Group:
+    row: dict[str, Any]
+    completions: list[Completion]
+    rewards: dict[str, list[float]]  # per reward function (NaN: not applicable / errored)
+    total: list[float]  # NaN: a reward errored for that sample
+    advantages: list[float]
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+def setup(cfg: Config) -> dict[str, Any]:
+    """Everything that can fail on bad input fails here, before the first rollout."""
+    device = pick_device(cfg.device)
+    check_device_options(cfg, device)
+    try:
+        rewards = build_rewards(cfg.rewards)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model_path = resolve_model_path(cfg.model.path)
+    rank, world = init_distributed(device)
+    shape = cfg.check_batch(world)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    tok = load_tokenizer(model_path)
+    train_rows, eval_rows = load_rows(cfg.data)
+    prompts = render(train_rows, cfg.data, tok)
+    held = render(eval_rows, cfg.data, tok) if eval_rows else None
+    try:
+        check_columns(rewards, prompts.columns)
+    except ValueError as e:
+        raise ConfigError(f"rewards: {e}") from None
+    if len(prompts.rows) < cfg.rollout.prompts_per_step:
+        raise ConfigError(f"data: {len(prompts.rows)} training prompts, fewer than rollout.prompts_per_step="
+                          f"{cfg.rollout.prompts_per_step}")
+    model = load_model(model_path, cfg.model.dtype, cfg.model.attn_implementation)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine = build_policy_engine(model, cfg, cfg.optim.micro_batch_size, shape.grad_accum)
+    ref = None
+    if cfg.algo.beta > 0:
+        ref = build_reference(load_model(model_path, cfg.model.dtype, cfg.model.attn_implementation), cfg,
+                              cfg.optim.micro_batch_size, shape.grad_accum)
+        ref.to(engine.device)
+    rollout = HFEngine(engine.module, tok, cfg.rollout.generation_batch_size,
+                       gather_zero3=cfg.deepspeed.zero_stage == 3)
+    return dict(device=device, rank=rank, world=world, shape=shape, tok=tok, prompts=prompts, held=held,
+                rewards=rewards, engine=engine, ref=ref, rollout=rollout, model_path=model_path)
+
+
+# ------------------------------------------------------------------------------------------------ phases
+
+def score_groups(rows: list[dict[str, Any]], comps: list[list[Completion]], rewards: list[Reward],
+                 columns: list[str], advantage: str) -> tuple[list[Group], list[str]]:
+    flat = [c for g in comps for c in g]
+    cols = {k: [row[k] for row, g in zip(rows, comps, strict=False) for _ in g] for k in columns}
+    s = score(rewards, [c.text for c in flat], cols)
+    G = len(comps[0])
+    total = torch.tensor(s.total, dtype=torch.float64).view(len(rows), G)
+    adv = ADVANTAGES[advantage](total)
+    groups = []
+    for i, (row, g) in enumerate(zip(rows, comps, strict=False)):
+        sl = slice(i * G, (i + 1) * G)
+        groups.append(Group(row, g, {k: v[sl] for k, v in s.per_reward.items()}, s.total[sl],
+                            adv[i].tolist()))
+    for m in s.error_messages:
+        log.warning("reward error: %s", m)
+    return groups, s.error_messages
+
+
+def collect(cfg: Config, st: dict[str, Any], sampler: PromptSampler, timer: Timer) -> tuple[list[Group], int]:
+    """Rollouts for one step on this rank. With dynamic sampling, zero-variance groups are dropped and more prompts
+    sampled (all ranks take the same number of rounds, so the sampler stays aligned); returns (groups, rounds)."""
+    r, rank, shape = cfg.rollout, st["rank"], st["shape"]
+    params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
+    rows_all = st["prompts"].rows
+    kept: list[Group] = []
+    spare: list[Group] = []
+    rounds = 0
+    while True:
+        idx = sampler.take(r.prompts_per_step)
+        mine = [rows_all[i] for i in idx[rank * shape.prompts_per_rank : (rank + 1) * shape.prompts_per_rank]]
+        with timer("generate"):
+            comps = st["rollout"].generate([row["prompt_ids"] for row in mine], r.num_generations, params)
+        with timer("score"):
+            groups, _ = score_groups(mine, comps, st["rewards"], st["prompts"].columns, cfg.algo.advantage)
+        rounds += 1
+        if not r.dynamic_sampling:
+            return groups, rounds
+        flat = zero_variance_groups(torch.tensor([g.total for g in groups]))
+        kept += [g for g, z in zip(groups, flat.tolist(), strict=False) if not z]
+        spare += [g for g, z in zip(groups, flat.tolist(), strict=False) if z]
+        need = torch.tensor([float(len(kept) < shape.prompts_per_rank)])
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+        if need.item() == 0 or rounds >= r.max_sampling_rounds:
+            break
+    kept = (kept + spare)[: shape.prompts_per_rank]  # top up with no-signal groups only if rounds ran out
+    return kept, rounds
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def resolve_layout(cfg: Config) -> str:
+    if cfg.optim.layout != "auto":
+        return cfg.optim.layout
+    if cfg.model.gradient_checkpointing:  # HF drops the KV cache under checkpointing: no shared prefix
+        return "packed" if cfg.model.attn_implementation == "flash_attention_2" else "padded"
+    return "prefix"
+
+
+def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -> dict[str, float]:
+    """Logprobs, loss, backward and optimizer step(s) on this rank's groups."""
+    engine, world = st["engine"], st["world"]
+    model = engine.module
+    seqs, adv, eng_lp, valid = [], [], [], []
+    for g in groups:
+        for c, a, tot in zip(g.completions, g.advantages, g.total, strict=False):
+            if not c.ids:  # an empty completion has no token to learn from
+                continue
+            seqs.append(Sequence(c.prompt_ids, c.ids))
+            adv.append(a)
+            eng_lp.append(c.logprobs)
+            valid.append(not math.isnan(tot))
+    n_tok = sum(len(s.completion_ids) for s, v in zip(seqs, valid, strict=False) if v)
+    global_tokens, global_seqs = _all_sum([n_tok, sum(valid)])
+    global_tokens, global_seqs = max(global_tokens, 1.0), max(global_seqs, 1.0)
+
+    # The gradient does not depend on the order. `prefix` keeps groups together (one prompt forward per group);
+    # the other layouts sort by length so each micro-batch pads little.
+    layout = resolve_layout(cfg)
+    order = list(range(len(seqs)))
+    if layout != "prefix":
+        order.sort(key=lambda i: len(seqs[i].prompt_ids) + len(seqs[i].completion_ids))
+    mbs = cfg.optim.micro_batch_size
+    chunks = [order[i : i + mbs] for i in range(0, len(order), mbs)]
+    chunks += [[] for _ in range(st["shape"].grad_accum - len(chunks))]  # empty completions were skipped
+    device = engine.device
+    temp = cfg.rollout.temperature
+    batches = [build_micro_batch([seqs[i] for i in ch], st["tok"].pad_token_id, layout, device) if ch else None
+               for ch in chunks]
+
+    need_old = cfg.algo.num_iterations > 1
+    old_lp: list[torch.Tensor | None] = [None] * len(chunks)
+    ref_lp: list[torch.Tensor | None] = [None] * len(chunks)
+    if need_old or st["ref"] is not None:
+        with timer("logprobs"), torch.no_grad():
+            for k, mb in enumerate(batches):
+                if mb is None:
+                    continue
+                if need_old:
+                    old_lp[k] = completion_logprobs(model, mb, temp, cfg.optim.logprob_chunk_size)[0]
+                if st["ref"] is not None:
+                    ref_lp[k] = completion_logprobs(st["ref"], mb, temp, cfg.optim.logprob_chunk_size)[0]
+
+    stats = {"pg_loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy_sum": 0.0, "mismatch_sum": 0.0,
+             "mismatch_max": 0.0, "tokens": 0.0}
+    grad_norms = []
+    model.train()
+    for it in range(cfg.algo.num_iterations):
+        pre_clip_norm = None
+        with timer("update"):
+            for k, (ch, mb) in enumerate(zip(chunks, batches, strict=False)):
+                if mb is None:
+                    loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+                    engine.backward(loss, scale_wrt_gas=False)
+                    engine.step()
+                    continue
+                logp, ent = completion_logprobs(model, mb, temp, cfg.optim.logprob_chunk_size)
+                seq_adv = torch.tensor([adv[i] for i in ch], dtype=torch.float32, device=device)
+                seq_ok = torch.tensor([valid[i] for i in ch], dtype=torch.float32, device=device)
+                w = token_weights(cfg.algo.loss_agg, mb.seq_len, global_tokens, global_seqs,
+                                  cfg.rollout.max_new_tokens) * seq_ok[mb.seq_index]
+                old = old_lp[k] if old_lp[k] is not None else logp.detach()
+                e_lp = torch.tensor([x for i in ch for x in eng_lp[i]], dtype=torch.float32, device=device)
+                isw = truncated_is_weights(old, e_lp, cfg.algo.tis_cap) if cfg.algo.tis_cap else None
+                parts = policy_loss(logp, old, seq_adv[mb.seq_index], w, cfg.algo.clip_low, cfg.algo.clip_high,
+                                    cfg.algo.beta, ref_lp[k], isw)
+                # DeepSpeed averages gradients over ranks; each rank's loss is already a share of the global sum.
+                engine.backward(parts.loss * world, scale_wrt_gas=False)
+                if k == len(chunks) - 1 and engine.zero_optimization_stage() == 0:
+                    pre_clip_norm = _local_grad_norm(model)  # ZeRO-0 does not record it
+                engine.step()
+                if it == 0:
+                    stats["pg_loss"] += parts.pg_loss
+                    stats["kl"] += parts.kl
+                    stats["clipped"] += parts.clip_frac_num
+                    stats["entropy_sum"] += float(ent.sum())
+                    diff = (logp.detach() - e_lp).abs()
+                    stats["mismatch_sum"] += float(diff.sum())
+                    stats["mismatch_max"] = max(stats["mismatch_max"], float(diff.max()) if len(diff) else 0.0)
+                    stats["tokens"] += len(logp)
+        grad_norms.append(pre_clip_norm if pre_clip_norm is not None else _ds_grad_norm(engine))
+    summed = _all_sum([stats["pg_loss"], stats["kl"], stats["clipped"], stats["entropy_sum"],
+                       stats["mismatch_sum"], stats["tokens"]])
+    mx = torch.tensor([stats["mismatch_max"]])
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+    toks = max(summed[5], 1.0)
+    return {"loss/pg": summed[0], "loss/kl": summed[1], "clip_frac": summed[2] / toks,
+            "entropy": summed[3] / toks, "logprob_mismatch/mean_abs": summed[4] / toks,
+            "logprob_mismatch/max_abs": float(mx.item()), "grad_norm": grad_norms[-1],
+            "lr": engine.get_lr()[0]}
+
+
+def _local_grad_norm(model: torch.nn.Module) -> float:
+    sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+    return math.sqrt(sq)
+
+
+def _ds_grad_norm(engine) -> float:
+    gn = engine.get_global_grad_norm()
+    return float(gn) if gn is not None else math.nan
+
+
+def evaluate(cfg: Config, st: dict[str, Any], step: int, run_dir: Path) -> dict[str, float]:
+    """Greedy accuracy and mean reward on the held-out split (split over ranks)."""
+    held = st["held"]
+    if held is None:
+        return {}
+    rank, world = st["rank"], st["world"]
+    rows = held.rows[rank::world]
+    params = SamplingParams(cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, greedy=True)
+    comps = st["rollout"].generate([r["prompt_ids"] for r in rows], 1, params) if rows else []
+    records, correct, rew_sum, n = [], 0.0, 0.0, 0
+    acc_name = "accuracy" if any(r.name == "accuracy" for r in st["rewards"]) else st["rewards"][0].name
+    if rows:
+        groups, _ = score_groups(rows, comps, st["rewards"], held.columns, "drgrpo")
+        for g in groups:
+            c = g.completions[0]
+            a = g.rewards[acc_name][0]
+            correct += 1.0 if a == 1.0 else 0.0
+            rew_sum += 0.0 if math.isnan(g.total[0]) else g.total[0]
+            n += 1
+            records.append({"step": step, "prompt_id": g.row["prompt_id"], "prompt": g.row["prompt"],
+                            "completion": c.text, "answer": str(g.row.get("answer", "")), "sample_index": 0,
+                            "correct": a == 1.0, "reward_total": g.total[0], "num_tokens": len(c.ids),
+                            "finish_reason": c.finish_reason,
+                            **{f"reward/{k}": v[0] for k, v in g.rewards.items()}})
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, records)
+    total_c, total_r, total_n = _all_sum([correct, rew_sum, n])
+    if rank == 0:
+        write_records(run_dir / "eval" / f"step-{step:06d}.parquet", [r for part in gathered for r in part])
+    return {"eval/accuracy": total_c / max(total_n, 1), "eval/reward": total_r / max(total_n, 1),
+            "eval/num_problems": total_n}
+
+
+def rollout_records(step: int, groups: list[Group], policy_version: int) -> list[dict[str, Any]]:
+    out = []
+    for gi, g in enumerate(groups):
+        for j, (c, tot, a) in enumerate(zip(g.completions, g.total, g.advantages, strict=False)):
+            out.append({"step": step, "prompt_id": g.row["prompt_id"], "group_index": gi, "sample_index": j,
+                        "prompt": g.row["prompt"], "completion": c.text, "answer": str(g.row.get("answer", "")),
+                        **{f"reward/{k}": v[j] for k, v in g.rewards.items()}, "reward_total": tot,
+                        "reward_error": math.isnan(tot), "advantage": a, "num_tokens": len(c.ids),
+                        "finish_reason": c.finish_reason,
+                        "engine_logprob_mean": float(np.mean(c.logprobs)) if c.logprobs else math.nan,
+                        "policy_version": policy_version})
+    return out
+
+
+def step_metrics(groups: list[Group], world: int, rounds: int) -> dict[str, float]:
+    """Reward statistics over all ranks' groups (sums reduced, then divided)."""
+    names = list(groups[0].rewards) if groups else []
+    tot = [t for g in groups for t in g.total]
+    ok = [t for t in tot if not math.isnan(t)]
+    lens = [len(c.ids) for g in groups for c in g.completions]
+    trunc = [c.finish_reason == "length" for g in groups for c in g.completions]
+    zero = zero_variance_groups(torch.tensor([g.total for g in groups])).sum().item() if groups else 0
+    vec = [sum(ok), sum(x * x for x in ok), len(ok), len(tot), sum(lens), sum(trunc), zero, len(groups)]
+    for k in names:
+        vals = [v for g in groups for v in g.rewards[k] if not math.isnan(v)]
+        vec += [sum(vals), sum(v * v for v in vals), len(vals)]
+    s = _all_sum(vec)
+    n_ok = max(s[2], 1.0)
+    mean = s[0] / n_ok
+    out = {"reward/mean": mean, "reward/std": math.sqrt(max(s[1] / n_ok - mean * mean, 0.0)),
+           "reward/errors": s[3] - s[2], "completion/len_mean": s[4] / max(s[3], 1.0),
+           "completion/truncated_frac": s[5] / max(s[3], 1.0), "groups/zero_variance_frac": s[6] / max(s[7], 1.0),
+           "rollout/rounds": rounds}
+    for i, k in enumerate(names):
+        a, b, n = s[8 + 3 * i : 11 + 3 * i]
+        m = a / n if n else math.nan
+        out[f"reward/{k}/mean"] = m
+        out[f"reward/{k}/std"] = math.sqrt(max(b / n - m * m, 0.0)) if n else math.nan
+        out[f"reward/{k}/not_applicable_or_error"] = s[3] - n
+    return out
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def save_final(st: dict[str, Any], out: Path) -> None:
+    """A plain HF folder. Under ZeRO-3 the shards are gathered first; the export is checked against the
+    parameter count (ZeRO-3 exports can silently come out empty), and every rank's copy of the weights is
+    checksummed: ranks that drifted apart are an error, recorded in `ranks.json`."""
+    import deepspeed
+
+    engine, rank = st["engine"], st["rank"]
+    model = engine.module
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=engine.zero_optimization_stage() == 3):
+        sums = [0.0, 0.0]
+        for p in model.parameters():
+            x = p.detach().double()
+            sums[0] += float(x.sum())
+            sums[1] += float((x * x).sum())
+        every: list[Any] = [None] * st["world"]
+        dist.all_gather_object(every, sums)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "ranks.json").write_text(json.dumps({"checksums": every}))
+        if any(abs(e[0] - every[0][0]) > 1e-6 * (1 + abs(every[0][0])) or
+               abs(e[1] - every[0][1]) > 1e-6 * (1 + every[0][1]) for e in every):
+            raise RuntimeError(f"ranks disagree on the final weights: {every}")
+        if rank == 0:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            numel = sum(v.numel() for v in state.values())
+            expected = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+            if numel < expected:
+                raise RuntimeError(f"final model export has {numel} values, expected at least {expected}")
+            model.save_pretrained(out, state_dict=state)
+            st["tok"].save_pretrained(out)
+    dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def train(cfg: Config) -> Path:
+    st = setup(cfg)
+    rank, engine = st["rank"], st["engine"]
+    run_dir = Path(cfg.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    dist.barrier()
+    sampler = PromptSampler(len(st["prompts"].rows), cfg.seed)
+    ckpt_root = run_dir / "checkpoints"
+    start, wandb_id = 0, None
+    resume_from = ckpt.find_resume(ckpt_root, cfg.checkpoint.resume)
+    if resume_from is not None:
+        meta = ckpt.load(engine, resume_from, rank, st["world"])
+        start, wandb_id = meta["step"], meta.get("wandb_id")
+        sampler.load_state(meta["sampler"])
+        log.info("resumed from %s at step %d", resume_from, start)
+    metrics = Metrics(run_dir, to_dict(cfg), cfg.log.wandb, cfg.log.wandb_project, wandb_id) if rank == 0 else None
+    if metrics is not None and resume_from is not None:
+        metrics.truncate_after(start)
+
+    if start == 0 and cfg.eval.at_start and cfg.eval.every >= 0:
+        ev = evaluate(cfg, st, 0, run_dir)
+        if metrics is not None and ev:
+            metrics.log({"step": 0, **ev})
+            log.info("eval at step 0: %s", ev)
+
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True)
+    for step in range(start + 1, cfg.steps + 1):
+        timer = Timer()
+        t0 = time.perf_counter()
+        groups, rounds = collect(cfg, st, sampler, timer)
+        upd = update(cfg, st, groups, timer)
+        with timer("sync"):
+            st["rollout"].sync(engine.module)
+        rec = {"step": step, **step_metrics(groups, st["world"], rounds), **upd}
+        gen_tokens = _all_sum([sum(len(c.ids) for g in groups for c in g.completions)])[0]
+        step_time = time.perf_counter() - t0
+        rec.update({f"time/{k}": v for k, v in timer.t.items()})
+        rec.update({"time/step": step_time, "tokens_per_second": gen_tokens / step_time,
+                    "memory/peak_gib": peak_memory_gib(st["device"])})
+        with timer("log"):
+            gathered: list[Any] = [None] * st["world"]
+            dist.all_gather_object(gathered, rollout_records(step, groups, step - 1) if cfg.log.rollouts else [])
+            if rank == 0 and cfg.log.rollouts:
+                write_records(run_dir / "rollouts" / f"step-{step:06d}.parquet", [r for p in gathered for r in p])
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
+            rec.update(evaluate(cfg, st, step, run_dir))
+        if step == cfg.steps and cfg.eval.at_end:
+            rec.update(evaluate(cfg, st, step, run_dir))
+        if metrics is not None:
+            metrics.log(rec)
+            bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", **({"eval_acc": f"{rec['eval/accuracy']:.3f}"}
+                                                                 if "eval/accuracy" in rec else {}))
+            bar.update(1)
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.steps:
+            meta = {"step": step, "sampler": sampler.state(), "world_size": st["world"],
+                    "wandb_id": metrics.wandb_id if metrics else None, "config": to_dict(cfg)}
+            ckpt.save(engine, ckpt_root, step, meta, rank, cfg.checkpoint.keep)
+    if bar is not None:
+        bar.close()
+    if cfg.checkpoint.save_final_model:
+        save_final(st, run_dir / "final")
+    if metrics is not None:
+        metrics.close()
+    return run_dir

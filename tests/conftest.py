@@ -1,0 +1,66 @@
+"""Shared fixtures. Tiny random models keep unit tests fast; they use the embedded model's real tokenizer
+(converted once into the cache by `grpo prepare-model`, which scripts/setup.sh runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from grpo.model import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from grpo.model import load_tokenizer
+
+    return load_tokenizer(str(embedded_dir))
+
+
+def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
+    """A Llama of a few thousand hidden units with the real vocabulary, saved as an HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer)
+
+
+def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
+    """Overrides that make the default recipe a seconds-long run on the tiny model."""
+    o = {"model.path": str(model_dir), "output_dir": str(out), "steps": 2, "data.num_train": 64,
+         "data.num_eval": 8, "rollout.prompts_per_step": 2, "rollout.num_generations": 4,
+         "rollout.max_new_tokens": 6, "optim.micro_batch_size": 4, "optim.lr": 1e-3, "eval.every": 0,
+         "eval.at_start": False, "checkpoint.every": 1, "log.wandb": False}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def needs_tests(completions, tests, **_):
+    """A user reward that needs a `tests` column (for the missing-column start-up check)."""
+    return [0.0 for _ in completions]
