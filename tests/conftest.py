@@ -56,7 +56,8 @@ def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
     o = {"model.path": str(model_dir), "output_dir": str(out), "steps": 2, "data.num_train": 64,
          "data.num_eval": 8, "rollout.prompts_per_step": 2, "rollout.num_generations": 4,
          "rollout.max_new_tokens": 6, "optim.micro_batch_size": 4, "optim.lr": 1e-3, "eval.every": 0,
-         "eval.at_start": False, "checkpoint.every": 1, "log.wandb": False}
+         "eval.at_start": False, "checkpoint.every": 1, "log.wandb": False,
+         "rewards": "[{name: accuracy}, {name: 'tests.conftest:length_reward', weight: 0.5}]"}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
 
@@ -64,3 +65,8 @@ def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
 def needs_tests(completions, tests, **_):
     """A user reward that needs a `tests` column (for the missing-column start-up check)."""
     return [0.0 for _ in completions]
+
+
+def length_reward(completions, **_):
+    """A reward a random tiny model can vary on (characters / 100), so its groups carry signal."""
+    return [len(c) / 100 for c in completions]

@@ -23,7 +23,7 @@ def test_groups_shapes_and_finish_reasons(engine, tokenizer):
     prompts = _prompts(tokenizer)
     out = engine.generate(prompts, 3, SamplingParams(max_new_tokens=7, temperature=1.0))
     assert len(out) == 2 and all(len(g) == 3 for g in out)
-    for p, g in zip(prompts, out):
+    for p, g in zip(prompts, out, strict=False):
         for c in g:
             assert c.prompt_ids == p
             assert len(c.logprobs) == len(c.ids) and 1 <= len(c.ids) <= 7

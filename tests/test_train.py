@@ -39,7 +39,8 @@ def test_tiny_run_writes_every_artefact(tmp_path, tiny_model_dir):
                 "grad_norm", "lr", "time/generate", "time/score", "time/update", "time/sync", "tokens_per_second",
                 "memory/peak_gib", "completion/truncated_frac", "logprob_mismatch/mean_abs"):
         assert key in m[1], key
-    assert m[1]["lr"] > 0 and m[1]["grad_norm"] >= 0
+    assert m[1]["lr"] > 0 and m[1]["grad_norm"] > 0
+    assert "reward/tests.conftest:length_reward/mean" in m[1]
     assert m[1]["logprob_mismatch/mean_abs"] < 1e-3  # the HF engine samples from the trainer's own weights
     assert "eval/accuracy" in m[0] and "eval/accuracy" in m[2]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import metrics, run_cli
 from tests.conftest import tiny_overrides
+from tests.test_train import metrics, run_cli
 
 
 def _port() -> int:

