@@ -20,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train a policy with GRPO from a recipe")
     t.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.num_generations=16")
+    i = sub.add_parser("inspect", help="summarise a run directory: curves, worst/best groups, a prompt's group")
+    i.add_argument("run_dir")
+    i.add_argument("--step", type=int, default=None, help="step to show groups of (default: the last)")
+    i.add_argument("--prompt", default=None, help="show only this prompt id's group")
+    i.add_argument("--top", type=int, default=3, help="how many worst and best groups")
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into a cached HF folder")
     p.add_argument("--print-path", action="store_true")
     args = parser.parse_args(argv)
@@ -28,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "deepspeed", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "inspect":
+        from grpo.inspect_cli import inspect_run
+
+        return inspect_run(args.run_dir, args.step, args.prompt, args.top)
     if args.command == "prepare-model":
         from grpo.model import embedded_model_dir
 

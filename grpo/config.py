@@ -179,9 +179,13 @@ class EvalConfig:
     at_end: bool = True
     max_new_tokens: int | None = None  # defaults to rollout.max_new_tokens
     batch_size: int = 100
+    num_samples: int = 1  # 1: greedy; k > 1: k samples per problem at `temperature` (pass@k in the records)
+    temperature: float = 1.0
 
     def validate(self) -> None:
         _nonneg("eval.every", self.every)
+        _positive("eval.num_samples", self.num_samples)
+        _positive("eval.temperature", self.temperature)
         _positive("eval.batch_size", self.batch_size)
 
 

@@ -171,11 +171,12 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
     """Logprobs, loss, backward and optimizer step(s) on this rank's groups."""
     engine, world = st["engine"], st["world"]
     model = engine.module
-    seqs, adv, eng_lp, valid = [], [], [], []
+    seqs, adv, eng_lp, valid, refs = [], [], [], [], []
     for g in groups:
-        for c, a, tot in zip(g.completions, g.advantages, g.total, strict=False):
+        for c, a, tot in zip(g.completions, g.advantages, g.total, strict=True):
             if not c.ids:  # an empty completion has no token to learn from
                 continue
+            refs.append(c)
             seqs.append(Sequence(c.prompt_ids, c.ids))
             adv.append(a)
             eng_lp.append(c.logprobs)
@@ -248,6 +249,9 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                     stats["mismatch_sum"] += float(diff.sum())
                     stats["mismatch_max"] = max(stats["mismatch_max"], float(diff.max()) if len(diff) else 0.0)
                     stats["tokens"] += len(logp)
+                    per_seq = torch.zeros(len(ch), device=device).index_add_(0, mb.seq_index, logp.detach().float())
+                    for j, i in enumerate(ch):  # for the records: where trainer and engine disagree
+                        refs[i].trainer_logprob_mean = float(per_seq[j]) / len(seqs[i].completion_ids)
         grad_norms.append(pre_clip_norm if pre_clip_norm is not None else _ds_grad_norm(engine))
     summed = _all_sum([stats["pg_loss"], stats["kl"], stats["clipped"], stats["entropy_sum"],
                        stats["mismatch_sum"], stats["tokens"]])
@@ -271,36 +275,42 @@ def _ds_grad_norm(engine) -> float:
 
 
 def evaluate(cfg: Config, st: dict[str, Any], step: int, run_dir: Path) -> dict[str, float]:
-    """Greedy accuracy and mean reward on the held-out split (split over ranks)."""
+    """Accuracy and mean reward on the held-out split (split over ranks): greedy, or k samples per problem
+    (then `eval/accuracy` is the mean over samples and `eval/pass@k` the share of problems solved at least once)."""
     held = st["held"]
     if held is None:
         return {}
-    rank, world = st["rank"], st["world"]
+    rank, world, k = st["rank"], st["world"], cfg.eval.num_samples
     rows = held.rows[rank::world]
-    params = SamplingParams(cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, greedy=True)
-    comps = st["rollout"].generate([r["prompt_ids"] for r in rows], 1, params) if rows else []
-    records, correct, rew_sum, n = [], 0.0, 0.0, 0
+    params = SamplingParams(cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.temperature,
+                            greedy=k == 1)
+    comps = st["rollout"].generate([r["prompt_ids"] for r in rows], k, params) if rows else []
+    records, correct, solved, rew_sum, n = [], 0.0, 0.0, 0.0, 0
     acc_name = "accuracy" if any(r.name == "accuracy" for r in st["rewards"]) else st["rewards"][0].name
     if rows:
         groups, _ = score_groups(rows, comps, st["rewards"], held.columns, "drgrpo")
         for g in groups:
-            c = g.completions[0]
-            a = g.rewards[acc_name][0]
-            correct += 1.0 if a == 1.0 else 0.0
-            rew_sum += 0.0 if math.isnan(g.total[0]) else g.total[0]
+            hits = [g.rewards[acc_name][j] == 1.0 for j in range(k)]
+            correct += sum(hits)
+            solved += any(hits)
+            rew_sum += sum(0.0 if math.isnan(t) else t for t in g.total)
             n += 1
-            records.append({"step": step, "prompt_id": g.row["prompt_id"], "prompt": g.row["prompt"],
-                            "completion": c.text, "answer": str(g.row.get("answer", "")), "sample_index": 0,
-                            "correct": a == 1.0, "reward_total": g.total[0], "num_tokens": len(c.ids),
-                            "finish_reason": c.finish_reason,
-                            **{f"reward/{k}": v[0] for k, v in g.rewards.items()}})
+            for j, c in enumerate(g.completions):
+                records.append({"step": step, "prompt_id": g.row["prompt_id"], "prompt": g.row["prompt"],
+                                "completion": c.text, "answer": str(g.row.get("answer", "")), "sample_index": j,
+                                "correct": hits[j], "reward_total": g.total[j], "num_tokens": len(c.ids),
+                                "finish_reason": c.finish_reason,
+                                **{f"reward/{name}": v[j] for name, v in g.rewards.items()}})
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, records)
-    total_c, total_r, total_n = _all_sum([correct, rew_sum, n])
+    total_c, total_s, total_r, total_n = _all_sum([correct, solved, rew_sum, n])
     if rank == 0:
         write_records(run_dir / "eval" / f"step-{step:06d}.parquet", [r for part in gathered for r in part])
-    return {"eval/accuracy": total_c / max(total_n, 1), "eval/reward": total_r / max(total_n, 1),
-            "eval/num_problems": total_n}
+    out = {"eval/accuracy": total_c / max(total_n * k, 1), "eval/reward": total_r / max(total_n * k, 1),
+           "eval/num_problems": total_n}
+    if k > 1:
+        out[f"eval/pass@{k}"] = total_s / max(total_n, 1)
+    return out
 
 
 def rollout_records(step: int, groups: list[Group], policy_version: int) -> list[dict[str, Any]]:
@@ -313,6 +323,7 @@ def rollout_records(step: int, groups: list[Group], policy_version: int) -> list
                         "reward_error": math.isnan(tot), "advantage": a, "num_tokens": len(c.ids),
                         "finish_reason": c.finish_reason,
                         "engine_logprob_mean": float(np.mean(c.logprobs)) if c.logprobs else math.nan,
+                        "trainer_logprob_mean": c.trainer_logprob_mean,
                         "policy_version": policy_version})
     return out
 
