@@ -104,6 +104,21 @@ class RewardConfig:
     name: str = ""
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 10.0  # seconds per completion (scored in worker processes); past it: a timeout, not a 0
+
+
+@dataclass
+class ScoringConfig:
+    """Where rewards run. workers > 0: killable worker processes (per-sample deadlines, memory cap);
+    0: in the trainer process (fast for cheap rewards; a hang there is a hang of the run)."""
+
+    workers: int = 2
+    memory_mb: int = 2048  # address-space limit of each worker
+    max_error_frac: float = 0.1  # warn loudly when more of a step's samples fail to score
+
+    def validate(self) -> None:
+        _nonneg("scoring.workers", self.workers)
+        _positive("scoring.memory_mb", self.memory_mb)
 
 
 @dataclass
@@ -221,6 +236,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardConfig] = field(default_factory=list)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -231,7 +247,7 @@ class Config:
     def validate(self) -> None:
         _positive("steps", self.steps)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
-        for section in (self.model, self.data, self.rollout, self.algo, self.optim, self.deepspeed,
+        for section in (self.model, self.data, self.rollout, self.scoring, self.algo, self.optim, self.deepspeed,
                         self.eval, self.checkpoint):
             section.validate()
         if not self.rewards:
@@ -239,6 +255,8 @@ class Config:
         for i, r in enumerate(self.rewards):
             if not r.name:
                 raise ConfigError(f"rewards[{i}].name: required")
+            if not r.timeout > 0:
+                raise ConfigError(f"rewards[{i}].timeout: must be > 0, got {r.timeout}")
 
     def check_batch(self, world_size: int) -> BatchShape:
         """Derived batch sizes, computed once, with the divisibility checks that make them exact."""

@@ -36,7 +36,8 @@ from grpo.loss import policy_loss, token_weights, truncated_is_weights
 from grpo.model import load_model, load_tokenizer, resolve_model_path
 from grpo.rollout import Completion, HFEngine, SamplingParams
 from grpo.tracking import Metrics, write_records
-from rewards.runner import Reward, build_rewards, check_columns, score
+from rewards.pool import WorkerPool
+from rewards.runner import Reward, Scores, build_rewards, check_columns, score
 
 log = logging.getLogger("grpo")
 
@@ -72,6 +73,15 @@ def setup(cfg: Config) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model_path = resolve_model_path(cfg.model.path)
+    if any(r.name == "code_tests" for r in rewards):
+        from rewards.sandbox import SandboxUnavailable, check_available
+
+        try:
+            check_available()
+        except SandboxUnavailable as e:
+            raise ConfigError(f"rewards: code_tests cannot run: {e}") from None
+    # Scoring workers are spawned before CUDA or the process group exist.
+    pool = WorkerPool(cfg.scoring.workers, cfg.scoring.memory_mb) if cfg.scoring.workers > 0 else None
     rank, world = init_distributed(device)
     shape = cfg.check_batch(world)
     random.seed(cfg.seed + rank)
@@ -100,16 +110,18 @@ def setup(cfg: Config) -> dict[str, Any]:
     rollout = HFEngine(engine.module, tok, cfg.rollout.generation_batch_size,
                        gather_zero3=cfg.deepspeed.zero_stage == 3)
     return dict(device=device, rank=rank, world=world, shape=shape, tok=tok, prompts=prompts, held=held,
-                rewards=rewards, engine=engine, ref=ref, rollout=rollout, model_path=model_path)
+                rewards=rewards, engine=engine, ref=ref, rollout=rollout, model_path=model_path, pool=pool)
 
 
 # ------------------------------------------------------------------------------------------------ phases
 
 def score_groups(rows: list[dict[str, Any]], comps: list[list[Completion]], rewards: list[Reward],
-                 columns: list[str], advantage: str) -> tuple[list[Group], list[str]]:
+                 columns: list[str], advantage: str, pool: WorkerPool | None = None) -> tuple[list[Group], Scores]:
     flat = [c for g in comps for c in g]
-    cols = {k: [row[k] for row, g in zip(rows, comps, strict=False) for _ in g] for k in columns}
-    s = score(rewards, [c.text for c in flat], cols)
+    cols = {k: [row[k] for row, g in zip(rows, comps, strict=True) for _ in g] for k in columns}
+    cols["num_tokens"] = [len(c.ids) for c in flat]
+    cols["finish_reason"] = [c.finish_reason for c in flat]
+    s = score(rewards, [c.text for c in flat], cols, pool)
     G = len(comps[0])
     total = torch.tensor(s.total, dtype=torch.float64).view(len(rows), G)
     adv = ADVANTAGES[advantage](total)
@@ -120,7 +132,7 @@ def score_groups(rows: list[dict[str, Any]], comps: list[list[Completion]], rewa
                             adv[i].tolist()))
     for m in s.error_messages:
         log.warning("reward error: %s", m)
-    return groups, s.error_messages
+    return groups, s
 
 
 def collect(cfg: Config, st: dict[str, Any], sampler: PromptSampler, timer: Timer) -> tuple[list[Group], int]:
@@ -138,7 +150,11 @@ def collect(cfg: Config, st: dict[str, Any], sampler: PromptSampler, timer: Time
         with timer("generate"):
             comps = st["rollout"].generate([row["prompt_ids"] for row in mine], r.num_generations, params)
         with timer("score"):
-            groups, _ = score_groups(mine, comps, st["rewards"], st["prompts"].columns, cfg.algo.advantage)
+            groups, sc = score_groups(mine, comps, st["rewards"], st["prompts"].columns, cfg.algo.advantage,
+                                      st["pool"])
+        for k in sc.errors:
+            st["reward_errors"][k] = st["reward_errors"].get(k, 0) + sc.errors[k]
+            st["reward_timeouts"][k] = st["reward_timeouts"].get(k, 0) + sc.timeouts[k]
         rounds += 1
         if not r.dynamic_sampling:
             return groups, rounds
@@ -288,7 +304,7 @@ def evaluate(cfg: Config, st: dict[str, Any], step: int, run_dir: Path) -> dict[
     records, correct, solved, rew_sum, n = [], 0.0, 0.0, 0.0, 0
     acc_name = "accuracy" if any(r.name == "accuracy" for r in st["rewards"]) else st["rewards"][0].name
     if rows:
-        groups, _ = score_groups(rows, comps, st["rewards"], held.columns, "drgrpo")
+        groups, _ = score_groups(rows, comps, st["rewards"], held.columns, "drgrpo", st["pool"])
         for g in groups:
             hits = [g.rewards[acc_name][j] == 1.0 for j in range(k)]
             correct += sum(hits)
@@ -431,12 +447,22 @@ def train(cfg: Config) -> Path:
         bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True)
     for step in range(start + 1, cfg.steps + 1):
         timer = Timer()
+        st["reward_errors"], st["reward_timeouts"] = {}, {}
         t0 = time.perf_counter()
         groups, rounds = collect(cfg, st, sampler, timer)
         upd = update(cfg, st, groups, timer)
         with timer("sync"):
             st["rollout"].sync(engine.module)
         rec = {"step": step, **step_metrics(groups, st["world"], rounds), **upd}
+        names = list(st["reward_errors"])
+        counts = _all_sum([st["reward_errors"][k] for k in names] + [st["reward_timeouts"][k] for k in names])
+        for i, k in enumerate(names):
+            rec[f"reward/{k}/errors"], rec[f"reward/{k}/timeouts"] = counts[i], counts[len(names) + i]
+        n_samples = len(groups) * cfg.rollout.num_generations * st["world"]
+        if rec["reward/errors"] > cfg.scoring.max_error_frac * n_samples and rank == 0:
+            log.error("step %d: %d of %d samples could not be scored (errors/timeouts, see reward/*/errors): "
+                      "they are skipped, not zero; check the reward functions", step, rec["reward/errors"],
+                      n_samples)
         gen_tokens = _all_sum([sum(len(c.ids) for g in groups for c in g.completions)])[0]
         step_time = time.perf_counter() - t0
         rec.update({f"time/{k}": v for k, v in timer.t.items()})
@@ -466,4 +492,6 @@ def train(cfg: Config) -> Path:
         save_final(st, run_dir / "final")
     if metrics is not None:
         metrics.close()
+    if st["pool"] is not None:
+        st["pool"].close()
     return run_dir

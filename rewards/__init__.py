@@ -11,8 +11,10 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+from rewards import code as _code
 from rewards import format as _format
 from rewards import math as _math
+from rewards import shaping as _shaping
 
 RewardFn = Callable[..., list]
 
@@ -20,7 +22,17 @@ REGISTRY: dict[str, RewardFn] = {
     "accuracy": _math.accuracy,
     "think_answer_format": _format.think_answer,
     "number_only_format": _format.number_only,
+    "tag_count": _shaping.tag_count,
+    "soft_overlong": _shaping.soft_overlong,
+    "cosine_length": _shaping.cosine_length,
+    "repetition_penalty": _shaping.repetition_penalty,
+    "countdown": _shaping.countdown,
+    "reasoning_gym": _shaping.reasoning_gym_verifier,
+    "code_tests": _code.code_tests,
 }
+
+# Columns the trainer adds to every row before scoring (not data set columns).
+TRAINER_COLUMNS = ("num_tokens", "finish_reason")
 
 
 def get_reward(name: str) -> RewardFn:

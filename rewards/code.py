@@ -1,0 +1,189 @@
+"""Code execution reward: the completion's last Python block runs against the row's test cases, in the sandbox.
+
+`tests` (a data set column: a JSON string or the parsed object) is either
+- asserts: `["assert f(1) == 2", ...]` or `{"asserts": [...], "setup": "import math"}`, or
+- stdin/stdout pairs: `{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}`.
+Empty or missing tests make the reward not applicable (None): `all([])` is True, but nothing was checked.
+
+The verdict is never taken from inside the sandbox. For `assert EXPR == LITERAL` the sandbox only evaluates EXPR
+and prints its value as plain JSON; the parent compares it with the literal, which never enters the sandbox (so an
+object whose `__eq__` always says True, a patched `assertEqual` or `sys.exit(0)` before the tests cannot pass).
+Other asserts are evaluated whole and must serialise to exactly `true`. stdin/stdout output is compared line by
+line in the parent, every line (a program printing only the first line fails). Timed-out tests count as failed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import secrets
+from typing import Any
+
+from rewards.sandbox import Limits, run_python
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+_HARNESS = r'''
+import json, sys
+spec = json.load(open("/harness/tests.json"))
+src = open("/harness/candidate.py", encoding="utf-8", errors="replace").read()
+nonce = spec["nonce"]
+out = sys.__stdout__
+
+def enc(v):
+    if type(v) in (set, frozenset):
+        return {"__set__": sorted(json.dumps(enc(x), sort_keys=True) for x in v)}
+    if type(v) is tuple:
+        return [enc(x) for x in v]
+    if type(v) is list:
+        return [enc(x) for x in v]
+    if type(v) is dict:
+        return {str(k): enc(x) for k, x in v.items()}
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    raise TypeError("not a plain value: " + type(v).__name__)
+
+def report(i, ok, val):
+    out.write("\n" + nonce + " " + json.dumps({"i": i, "ok": ok, "v": val}) + "\n")
+    out.flush()
+
+ns = {"__name__": "__main__"}
+exec(compile(spec["setup"] + "\n" + src, "candidate.py", "exec"), ns)
+for i, expr in enumerate(spec["exprs"]):
+    try:
+        report(i, True, enc(eval(compile(expr, "test", "eval"), ns)))
+    except BaseException as e:
+        report(i, False, type(e).__name__)
+'''
+
+
+def extract_code(text: str) -> str | None:
+    """The last fenced Python block, else None (prose is not code)."""
+    blocks = _FENCE.findall(text)
+    return blocks[-1] if blocks else None
+
+
+def parse_tests(tests: Any) -> dict[str, Any] | None:
+    if tests is None:
+        return None
+    if isinstance(tests, str):
+        tests = tests.strip()
+        if not tests:
+            return None
+        tests = json.loads(tests)
+    if isinstance(tests, list):
+        tests = {"asserts": tests}
+    if not isinstance(tests, dict):
+        raise ValueError(f"tests: expected a list or a mapping, got {type(tests).__name__}")
+    if tests.get("asserts"):
+        return {"asserts": [str(a) for a in tests["asserts"]], "setup": str(tests.get("setup", ""))}
+    if tests.get("inputs") is not None and tests.get("outputs") is not None:
+        ins, outs = list(tests["inputs"]), list(tests["outputs"])
+        if len(ins) != len(outs):
+            raise ValueError(f"tests: {len(ins)} inputs but {len(outs)} outputs")
+        return {"inputs": ins, "outputs": outs} if ins else None
+    return None
+
+
+def _split_assert(test: str) -> tuple[str, Any, bool]:
+    """(expression the sandbox evaluates, expected value, whether the literal is compared in the parent)."""
+    node = ast.parse(test.strip(), mode="exec").body
+    if len(node) != 1 or not isinstance(node[0], ast.Assert):
+        raise ValueError(f"not a single assert statement: {test[:80]!r}")
+    t = node[0].test
+    if isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], ast.Eq):
+        for lhs, rhs in ((t.left, t.comparators[0]), (t.comparators[0], t.left)):
+            try:
+                expected = ast.literal_eval(rhs)
+            except (ValueError, SyntaxError, TypeError):
+                continue
+            return ast.unparse(lhs), expected, True
+    return ast.unparse(t), True, False
+
+
+def _canon(v: Any) -> Any:
+    if isinstance(v, (set, frozenset)):
+        return {"__set__": sorted(json.dumps(_canon(x), sort_keys=True) for x in v)}
+    if isinstance(v, (list, tuple)):
+        return [_canon(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _canon(x) for k, x in v.items()}
+    return v
+
+
+def _equal(got: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(got, bool):
+        return type(got) is type(expected) and got == expected
+    if isinstance(expected, float) or isinstance(got, float):
+        return (isinstance(got, (int, float)) and isinstance(expected, (int, float))
+                and math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-12))
+    if isinstance(expected, list) and isinstance(got, list):
+        return len(got) == len(expected) and all(_equal(a, b) for a, b in zip(got, expected, strict=True))
+    if isinstance(expected, dict) and isinstance(got, dict):
+        return got.keys() == expected.keys() and all(_equal(got[k], expected[k]) for k in expected)
+    return type(got) is type(expected) and got == expected
+
+
+def _run_asserts(code: str, spec: dict[str, Any], limits: Limits) -> list[bool]:
+    parts = [_split_assert(a) for a in spec["asserts"]]
+    nonce = "GRPO-" + secrets.token_hex(16)
+    tests = {"nonce": nonce, "setup": spec["setup"], "exprs": [p[0] for p in parts]}
+    r = run_python(_HARNESS, limits=limits, files={"tests.json": json.dumps(tests), "candidate.py": code})
+    seen: dict[int, list[dict]] = {}
+    for line in r.stdout.splitlines():
+        if line.startswith(nonce + " "):
+            try:
+                msg = json.loads(line[len(nonce) + 1 :])
+                seen.setdefault(int(msg["i"]), []).append(msg)
+            except (ValueError, KeyError, TypeError):
+                return [False] * len(parts)
+    if any(len(v) != 1 for v in seen.values()):
+        return [False] * len(parts)  # a forged or repeated report: nothing from this run is trusted
+    out = []
+    for i, (_, expected, _literal) in enumerate(parts):
+        msg = seen.get(i, [None])[0]
+        out.append(bool(msg and msg["ok"] and _equal(msg["v"], _canon(expected))))
+    return out
+
+
+def _normalise_output(s: str) -> list[str]:
+    lines = [ln.rstrip() for ln in s.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _run_io(code: str, spec: dict[str, Any], limits: Limits) -> list[bool]:
+    out = []
+    for stdin, expected in zip(spec["inputs"], spec["outputs"], strict=True):
+        r = run_python(code, stdin=str(stdin), limits=limits)
+        out.append(r.status == "ok" and r.returncode == 0 and not r.truncated
+                   and _normalise_output(r.stdout) == _normalise_output(str(expected)))
+    return out
+
+
+def code_tests(completions: list[str], tests: list[Any], mode: str = "fraction", timeout: float = 5.0,
+               memory_mb: int = 512, **_) -> list[float | None]:
+    """Fraction of the row's tests the completion's code passes (`mode: all` for all-or-nothing)."""
+    if mode not in ("fraction", "all"):
+        raise ValueError(f"code_tests: mode must be 'fraction' or 'all', got {mode!r}")
+    limits = Limits(wall_seconds=timeout, cpu_seconds=max(1, math.ceil(timeout)), memory_mb=memory_mb)
+    scores: list[float | None] = []
+    for text, t in zip(completions, tests, strict=True):
+        spec = parse_tests(t)
+        if spec is None:
+            scores.append(None)
+            continue
+        code = extract_code(text)
+        if code is None:
+            scores.append(0.0)
+            continue
+        passed = _run_asserts(code, spec, limits) if "asserts" in spec else _run_io(code, spec, limits)
+        frac = sum(passed) / len(passed)
+        scores.append(frac if mode == "fraction" else float(frac == 1.0))
+    return scores
+
+
+code_tests.columns = ("tests",)
