@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--step", type=int, default=None, help="step to show groups of (default: the last)")
     i.add_argument("--prompt", default=None, help="show only this prompt id's group")
     i.add_argument("--top", type=int, default=3, help="how many worst and best groups")
+    c = sub.add_parser("check-rewards", help="score labelled cases with a recipe's rewards, report disagreements")
+    c.add_argument("recipe")
+    c.add_argument("cases", help="JSONL: completion, row columns, expected scores per reward")
+    c.add_argument("overrides", nargs="*")
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into a cached HF folder")
     p.add_argument("--print-path", action="store_true")
     args = parser.parse_args(argv)
@@ -37,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         from grpo.inspect_cli import inspect_run
 
         return inspect_run(args.run_dir, args.step, args.prompt, args.top)
+    if args.command == "check-rewards":
+        from rewards.check import main as check_main
+
+        try:
+            return check_main(args.recipe, args.cases, args.overrides)
+        except (ConfigError, ValueError, OSError) as e:
+            print(f"grpo check-rewards: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "prepare-model":
         from grpo.model import embedded_model_dir
 

@@ -2,6 +2,7 @@
 # Set-up if needed, lint, then the test suite. Extra arguments go to pytest (e.g. -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/system-deps.sh
 bash scripts/setup.sh
 export DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false WANDB_MODE=offline HF_HUB_OFFLINE=1
 .venv/bin/ruff check grpo rewards tests benchmarks

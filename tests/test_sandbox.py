@@ -1,0 +1,201 @@
+"""Model-written code against the sandbox: every attack contained within its limit, the host untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rewards.code import code_tests
+from rewards.sandbox import Limits, SandboxUnavailable, check_available, run_python
+
+# CI installs bubblewrap (scripts/system-deps.sh): there a missing sandbox is a failure, not a skip.
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
+                                reason="bubblewrap not installed")
+FAST = Limits(wall_seconds=3, cpu_seconds=3)
+
+
+def _nobody_procs() -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "status").read_text().split("Uid:")[1].split()[0] == "65534":
+                    out.append(int(p.name))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    before = set(_nobody_procs())
+    yield
+    time.sleep(0.2)
+    assert set(_nobody_procs()) <= before, "a sandboxed process outlived its run"
+
+
+def test_available():
+    check_available()
+
+
+def _timed(code: str, **kw):
+    t0 = time.monotonic()
+    r = run_python(code, limits=FAST, **kw)
+    return r, time.monotonic() - t0
+
+
+def test_infinite_loop_is_cut_at_the_deadline():
+    r, dt = _timed("while True: pass")
+    assert r.status == "timeout" and dt < FAST.wall_seconds + 2
+
+
+def test_fork_bomb_is_contained():
+    r, dt = _timed("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    assert r.status in ("timeout", "killed", "ok") and dt < FAST.wall_seconds + 3
+
+
+def test_memory_bomb_fails_inside():
+    r, _ = _timed("x = bytearray(8 * 1024**3)\nprint('allocated')")
+    assert "allocated" not in r.stdout and r.returncode != 0
+
+
+def test_filling_the_disk_is_contained():
+    free = shutil.disk_usage("/").free
+    r, dt = _timed("i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20)); i += 1")
+    assert r.returncode != 0 and dt < FAST.wall_seconds + 2
+    assert shutil.disk_usage("/").free > free - (256 << 20)
+
+
+def test_no_network_even_to_localhost():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    got = []
+    threading.Thread(target=lambda: got.append(srv.accept()), daemon=True).start()
+    r, _ = _timed(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('CONNECTED')")
+    srv.close()
+    assert "CONNECTED" not in r.stdout and not got
+    r, _ = _timed("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\nprint('CONNECTED')")
+    assert "CONNECTED" not in r.stdout
+
+
+def test_host_files_and_environment_are_invisible(tmp_path, monkeypatch):
+    secret = uuid.uuid4().hex
+    monkeypatch.setenv("GRPO_TEST_SECRET", secret)
+    home_secret = Path.home() / f".grpo-secret-{secret[:8]}"
+    home_secret.write_text(secret)
+    try:
+        code = (f"import os\nprint(dict(os.environ))\nfor p in [{str(home_secret)!r}, '/etc/passwd', "
+                f"{str(Path.cwd() / 'pyproject.toml')!r}, '/proc/1/environ']:\n"
+                "    try:\n        print(open(p).read())\n    except Exception as e:\n        print('denied', p)")
+        r, _ = _timed(code)
+        assert secret not in r.stdout and "GRPO_TEST_SECRET" not in r.stdout
+        assert "root:" not in r.stdout and "[project]" not in r.stdout
+    finally:
+        home_secret.unlink()
+
+
+def test_writes_outside_the_work_dir_do_not_reach_the_host():
+    target = Path("/tmp") / f"grpo-escape-{uuid.uuid4().hex}"
+    code = (f"import os\nfor p in [{str(target)!r}, '/harness/main.py', '/usr/evil', {str(Path.cwd() / 'evil')!r}]:\n"
+            "    try:\n        open(p, 'w').write('x'); print('wrote', p)\n    except Exception as e:\n"
+            "        print('refused', p)")
+    r, _ = _timed(code)
+    assert not target.exists() and not (Path.cwd() / "evil").exists()
+    assert "wrote /harness/main.py" not in r.stdout and "wrote /usr/evil" not in r.stdout
+
+
+def test_killing_the_parent_or_everyone_leaves_us_alive():
+    r, _ = _timed("import os, signal\nfor pid in (os.getppid(), 1, -1):\n    try:\n"
+                  "        os.kill(pid, signal.SIGKILL)\n    except Exception as e:\n        print(type(e).__name__)")
+    assert r.status in ("ok", "killed")  # we are still here to assert
+
+
+def test_ignoring_sigterm_and_background_children_are_killed():
+    r, dt = _timed("import os, signal, subprocess, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                   "if os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\n"
+                   "subprocess.Popen(['sleep', '1000'], start_new_session=True)\ntime.sleep(1000)")
+    assert r.status == "timeout" and dt < FAST.wall_seconds + 2  # and no_leftovers checks the children
+
+
+def test_megabytes_of_output_are_capped():
+    r, dt = _timed("import sys\nfor _ in range(64):\n    sys.stdout.write('y' * (1 << 20))")
+    assert r.truncated and len(r.stdout) <= FAST.output_bytes and dt < FAST.wall_seconds + 1
+
+
+def test_invalid_utf8_output_is_decoded_leniently():
+    r, _ = _timed("import sys\nsys.stdout.buffer.write(b'\\xff\\xfe\\x80 ok')")
+    assert r.stdout.endswith(" ok") and "\ufffd" in r.stdout
+
+
+def test_missing_bubblewrap_refuses(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("GRPO_UNSAFE_NO_SANDBOX", raising=False)
+    with pytest.raises(SandboxUnavailable, match="bubblewrap"):
+        check_available()
+
+
+# ---------------------------------------------------------------- verdicts the candidate cannot forge
+
+ASSERTS = json.dumps(["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(20, 22) == 42"])
+
+
+def block(src: str) -> str:
+    return f"Here is my solution.\n```python\n{src}\n```\n"
+
+
+@pytest.mark.parametrize("name, src, expected", [
+    ("correct", "def add(a, b):\n    return a + b", 1.0),
+    ("partly", "def add(a, b):\n    return 3", 1 / 3),
+    ("sys.exit(0) before the tests", "import sys\nsys.exit(0)", 0.0),
+    ("os._exit(0) before the tests", "import os\nos._exit(0)", 0.0),
+    ("atexit prints a pass", "import atexit\natexit.register(lambda: print('PASSED'))\ndef add(a,b): pass", 0.0),
+    ("__eq__ always True", "class T:\n    def __eq__(s, o): return True\ndef add(a, b):\n    return T()", 0.0),
+    ("redefining assert/builtins", "import builtins\nbuiltins.AssertionError = Exception\n"
+                                   "builtins.eval = lambda *a, **k: 3\ndef add(a, b): return None", 0.0),
+    ("writing a conftest and sitecustomize", "open('conftest.py','w').write('x')\n"
+                                             "open('sitecustomize.py','w').write('x')\ndef add(a,b): return None", 0.0),
+    ("forging the report lines", "import json, sys\nspec = json.load(open('/harness/tests.json'))\n"
+                                 "for i in range(3):\n    print(spec['nonce'] + ' ' + json.dumps({'i': i, 'ok': True,"
+                                 " 'v': 42}), flush=True)\ndef add(a, b): return 42", 0.0),
+])
+def test_assert_verdicts(name, src, expected):
+    t0 = time.monotonic()
+    got = code_tests([block(src)], [ASSERTS], timeout=3)[0]
+    assert got == pytest.approx(expected), name
+    assert time.monotonic() - t0 < 8
+
+
+def test_infinite_loop_in_last_test_keeps_earlier_results():
+    src = "def add(a, b):\n    while a == 20:\n        pass\n    return a + b"
+    # the forged-duplicate rule does not apply; the first two tests reported before the hang
+    assert code_tests([block(src)], [ASSERTS], timeout=3) == [pytest.approx(2 / 3)]
+
+
+IO = {"inputs": ["1 2\n", "5 6\n", "10 -3\n"], "outputs": ["3\n", "11\n", "7\n"]}
+
+
+@pytest.mark.parametrize("src, expected", [
+    ("a, b = map(int, input().split())\nprint(a + b)", 1.0),
+    ("print(3)", 1 / 3),  # printing an expected output without computing it
+    ("a, b = map(int, input().split())\nprint(a + b)\nprint('extra line')", 0.0),  # every line compared
+    ("import sys\nsys.stdout.write('y' * (4 << 20))", 0.0),
+    ("import sys\nsys.stdout.buffer.write(b'\\xff\\n')", 0.0),
+])
+def test_stdin_stdout_verdicts(src, expected):
+    assert code_tests([block(src)], [IO], timeout=3) == [pytest.approx(expected)]
+
+
+def test_all_or_nothing_and_not_applicable():
+    assert code_tests([block("def add(a, b):\n    return 3")], [ASSERTS], mode="all") == [0.0]
+    assert code_tests([block("x = 1")], ["[]"]) == [None]
+    assert code_tests([block("x = 1")], [None]) == [None]
+    assert code_tests(["no code block at all"], [ASSERTS]) == [0.0]

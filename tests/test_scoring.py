@@ -1,0 +1,179 @@
+"""Killable scoring workers, math checks that explode, the shaping rewards, and the runner's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import pytest
+
+from rewards.math import accuracy
+from rewards.pool import WorkerPool
+from rewards.runner import Reward, build_rewards, score
+from rewards.shaping import (
+    cosine_length,
+    countdown,
+    reasoning_gym_verifier,
+    repetition_penalty,
+    soft_overlong,
+    tag_count,
+)
+
+
+def _sleep(x):
+    time.sleep(x)
+    return x
+
+
+def _die(code):
+    os._exit(code)
+
+
+def _hog(mb):
+    return len(bytearray(mb * 2**20))
+
+
+def _raise(msg):
+    raise KeyError(msg)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with WorkerPool(workers=2, memory_mb=1024) as p:
+        yield p
+
+
+def test_pool_keeps_order_and_separates_outcomes(pool):
+    calls = [((0.01,), {}), ((30,), {}), ((0.02,), {})]
+    t0 = time.monotonic()
+    out = pool.map(_sleep, calls, timeout=1.5)
+    assert time.monotonic() - t0 < 5
+    assert out[0].value == 0.01 and out[2].value == 0.02
+    assert out[1].timed_out and out[1].value is None
+    assert [o.value for o in pool.map(_sleep, [((0.0,), {})] * 4, timeout=5)] == [0.0] * 4  # respawned
+
+
+def test_pool_survives_crashes_memory_and_exceptions(pool):
+    out = pool.map(_die, [((3,), {})], timeout=5)
+    assert "died" in out[0].error
+    out = pool.map(_hog, [((4096,), {}), ((1,), {})], timeout=10)
+    assert out[0].error is not None and out[1].value == 2**20
+    out = pool.map(_raise, [(("boom",), {})], timeout=5)
+    assert "KeyError" in out[0].error and not out[0].timed_out
+
+
+@pytest.mark.parametrize("pred", [r"\boxed{9^{9^{9^{9^{9}}}}}", r"\boxed{100000000!}",
+                                  r"\boxed{\log(\log(\log(10^{10^{10^{10}}})))}"])
+def test_exploding_math_is_cut_off(pool, pred):
+    t0 = time.monotonic()
+    out = pool.map(accuracy, [(([pred],), {"answer": ["5"], "extract": "boxed"})], timeout=3)
+    assert time.monotonic() - t0 < 8
+    o = out[0]
+    assert o.timed_out or o.error is not None or o.value == [0.0]
+
+
+def test_runner_with_pool_costs_only_the_hanging_sample(pool):
+    rs = build_rewards([type("S", (), {"name": "accuracy", "weight": 1.0, "args": {"extract": "boxed"},
+                                       "timeout": 2.0})()])
+    comps = [r"\boxed{7}", r"\boxed{9^{9^{9^{9^{9^{9}}}}}}", r"\boxed{8}"]
+    s = score(rs, comps, {"answer": ["7", "7", "7"]}, pool)
+    assert s.per_reward["accuracy"][0] == 1.0 and s.per_reward["accuracy"][2] == 0.0
+    if math.isnan(s.total[1]):  # the tower either timed out (an error, not a zero) or was refused quickly
+        assert s.errors["accuracy"] == 1
+    assert s.total[0] == 1.0 and s.total[2] == 0.0
+
+
+def test_runner_in_process_and_pooled_agree(pool):
+    rs = [Reward("tag_count", tag_count), Reward("rep", repetition_penalty, 0.5)]
+    comps = ["<think>a b c a b c</think><answer>1</answer>", "", "x y z"]
+    a = score(rs, comps, {})
+    b = score(rs, comps, {}, pool)
+    assert a.total == pytest.approx(b.total)
+
+
+def test_tag_count():
+    assert tag_count(["<think>x</think><answer>1</answer>", "<think><think>", "", "</answer>"]) == [1.0, 0.0, 0.0,
+                                                                                                   0.25]
+
+
+def test_soft_overlong_by_hand():
+    assert soft_overlong(["a"] * 5, num_tokens=[10, 12, 14, 16, 17], max_tokens=16, buffer=4) == pytest.approx(
+        [0.0, 0.0, -0.5, -1.0, -1.0])
+    with pytest.raises(ValueError):
+        soft_overlong([], num_tokens=[], max_tokens=4, buffer=5)
+
+
+def test_cosine_length_by_hand():
+    got = cosine_length(["7", "7", "8", "8", "7"], answer=["7", "7", "7", "7", "x{"], num_tokens=[0, 100, 0, 100, 5],
+                        max_tokens=100)
+    assert got[:4] == pytest.approx([1.0, 0.5, -0.5, 0.0])
+    mid = cosine_length(["7"], answer=["7"], num_tokens=[50], max_tokens=100)[0]
+    assert mid == pytest.approx(0.75)
+    assert got[4] is None
+
+
+def test_repetition_penalty_by_hand():
+    # 6 words -> 4 trigrams, of which ("a","b","c") twice: 3 unique of 4
+    assert repetition_penalty(["a b c a b c"], ngram=3) == pytest.approx([-(1 - 3 / 4)])
+    assert repetition_penalty(["one two"], ngram=3) == [0.0]
+    assert repetition_penalty(["x " * 100], ngram=2, max_penalty=-0.5)[0] == pytest.approx(-0.5 * (1 - 1 / 99))
+
+
+def test_countdown():
+    meta = json.dumps({"numbers": [66, 34, 98, 54, 6], "target": 164})
+    comps = ["<answer>6*(98 - 54) - 34 - 66</answer>", "<answer>6*(98-54)-34-66-0</answer>",
+             "<answer>164</answer>", "6*(98 - 54) - 34 - 66 = 164", "<answer>66*66</answer>",
+             "<answer>__import__('os')</answer>", "<answer>2**100</answer>"]
+    assert countdown(comps, metadata=[meta] * len(comps)) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert countdown(["1"], metadata=["{}"]) == [None]
+
+
+def test_reasoning_gym_adapter_uses_the_tasks_own_scorer():
+    import reasoning_gym
+
+    x = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+    meta = json.dumps(x["metadata"])
+    good = f"<think>...</think><answer>{x['answer']}</answer>"
+    got = reasoning_gym_verifier([good, "<answer>1+1</answer>", "no tags"], question=[x["question"]] * 3,
+                                 answer=[x["answer"]] * 3, metadata=[meta] * 3)
+    assert got[0] == 1.0 and got[1] < 1.0 and got[2] == 0.0
+
+
+LIBRARY = ("rewards=[{name: accuracy, args: {extract: boxed}}, {name: tag_count}, {name: code_tests, timeout: 20}, "
+           "{name: countdown}]")
+
+
+def _check(*args):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", "grpo", "check-rewards", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_shipped_reward_cases_agree():
+    from tests.conftest import ROOT
+
+    recipe = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+    p = _check(recipe, ROOT / "rewards" / "cases" / "arithmetic.jsonl")
+    assert p.returncode == 0 and "all agree" in p.stdout, p.stdout + p.stderr
+    p = _check(recipe, ROOT / "rewards" / "cases" / "library.jsonl", LIBRARY)
+    assert p.returncode == 0 and "13 checks on 11 cases: all agree" in p.stdout, p.stdout + p.stderr
+
+
+def test_check_rewards_reports_disagreements(tmp_path):
+    from tests.conftest import ROOT
+
+    cases = tmp_path / "c.jsonl"
+    cases.write_text(json.dumps({"completion": "2 + 2 = 5", "answer": "4", "expected": {"accuracy": 1.0},
+                                 "note": "deliberately wrong label"}) + "\n")
+    p = _check(ROOT / "recipes" / "smollm2-135m-arith.yaml", cases)
+    assert p.returncode == 1
+    assert "1 of 1 checks disagree" in p.stdout and "deliberately wrong label" in p.stdout
+    cases.write_text("{not json\n")
+    p = _check(ROOT / "recipes" / "smollm2-135m-arith.yaml", cases)
+    assert p.returncode == 2 and "c.jsonl:1: not JSON" in p.stderr
