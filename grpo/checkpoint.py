@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from grpo.config import ConfigError
+
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"step-(\d+)$")
 MARKER = "COMPLETE"
@@ -75,28 +77,71 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
     return final
 
 
-def find_resume(root: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: `never` -> None, a path -> it, `auto` -> newest complete one."""
+def explicit_checkpoint(path: str) -> Path:
+    """`checkpoint.resume: PATH`: it must be complete (a missing meta.json means no data position: refuse)."""
+    p = Path(path)
+    if not ((p / MARKER).is_file() and (p / "meta.json").is_file()):
+        raise ConfigError(f"checkpoint.resume: {p} is not a complete checkpoint (no {MARKER} or meta.json)")
+    return p
+
+
+# What a resumed run must share with the run that wrote the checkpoint, or the data stream and the batches misalign.
+MUST_MATCH = ("seed", "model.path", "rollout.prompts_per_step", "rollout.num_generations", "data")
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else None
+    return d
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    changed = [k for k in MUST_MATCH if _get(saved, k) != _get(current, k)]
+    if changed:
+        raise ConfigError(f"checkpoint {path} was written with a different {', '.join(changed)} "
+                           f"({[_get(saved, k) for k in changed]} -> {[_get(current, k) for k in changed]}); "
+                           "resuming would misalign the data or the batches: use a new output_dir, or "
+                           "checkpoint.resume=never to start over")
+
+
+def load_latest(engine, root: Path, resume: str, rank: int, world_size: int,
+                config: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest checkpoint every rank can read; a damaged one is skipped with a warning and the previous
+    one is tried. Collective: the ranks agree on each candidate, so they never resume from different steps."""
     if resume == "never":
         return None
-    if resume != "auto":
-        p = Path(resume)
-        if not ((p / MARKER).is_file() and (p / "meta.json").is_file()):
-            raise FileNotFoundError(f"checkpoint.resume: {p} is not a complete checkpoint")
-        return p
-    for p in complete_checkpoints(root):
+    candidates = [explicit_checkpoint(resume)] if resume != "auto" else complete_checkpoints(root)
+    errors = []
+    for path in candidates:
         try:
-            json.loads((p / "meta.json").read_text())
-            return p
+            meta = json.loads((path / "meta.json").read_text())
+            check_compatible(meta.get("config", {}), config, path)
+        except ConfigError:  # a changed configuration is refused, not skipped
+            raise
         except (OSError, ValueError) as e:
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", p, e)
+            meta, errors = None, errors + [f"{path}: {e}"]
+        ok = torch.tensor([1.0 if meta is not None else 0.0])
+        if meta is not None:
+            try:
+                meta = load(engine, path, rank, world_size)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - torch/DeepSpeed raise many types for a damaged file
+                ok[0], errors = 0.0, errors + [f"{path}: {type(e).__name__}: {e}"]
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() == 1.0:
+            return path, meta
+        log.warning("checkpoint %s could not be loaded on every rank; trying the previous one (%s)", path,
+                    errors[-1] if errors else "another rank failed")
+    if candidates:
+        raise RuntimeError("no checkpoint could be loaded: " + "; ".join(errors))
     return None
 
 
 def load(engine, path: Path, rank: int, world_size: int) -> dict[str, Any]:
     meta = json.loads((path / "meta.json").read_text())
     if meta["world_size"] != world_size:
-        raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
+        raise ConfigError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
                            f"{world_size}: ZeRO states do not reshard without conversion (DeepSpeed's universal "
                            "checkpoint); resume with the same number of processes")
     load_path, _ = engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,

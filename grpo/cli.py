@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(embedded_model_dir())
         return 0
+    from grpo.train import PREEMPTED_EXIT, Preempted
+
     try:
         cfg = load_config(args.recipe, args.overrides)
         from grpo.train import train
@@ -62,5 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"grpo: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"grpo: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     print(f"run directory: {run_dir}")
     return 0

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import resource
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -413,9 +414,61 @@ def save_final(st: dict[str, Any], out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ the loop
 
+class Preempted(Exception):
+    """Raised after a signal-triggered checkpoint; the CLI turns it into PREEMPTED_EXIT (slurm requeues)."""
+
+
+PREEMPTED_EXIT = 85
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (slurm's warning, Ctrl-C's cousin) only set a flag; the ranks agree on it at a step
+    boundary, then checkpoint and stop together. A second signal, or one during a save, changes nothing more."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is None:
+            log.warning("received %s: finishing this step, then checkpoint and exit", signal.Signals(signum).name)
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        t = torch.tensor([0.0 if self.signum is None else 1.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item() > 0
+
+
+def log_step(cfg: Config, st: dict[str, Any], step: int, groups: list[Group], rounds: int, upd: dict[str, float],
+             timer: Timer, t0: float, run_dir: Path) -> dict[str, Any]:
+    """The step's metrics record (reduced over ranks) and its rollout records (written by rank 0)."""
+    rec = {"step": step, **step_metrics(groups, st["world"], rounds), **upd}
+    names = list(st["reward_errors"])
+    counts = _all_sum([st["reward_errors"][k] for k in names] + [st["reward_timeouts"][k] for k in names])
+    for i, k in enumerate(names):
+        rec[f"reward/{k}/errors"], rec[f"reward/{k}/timeouts"] = counts[i], counts[len(names) + i]
+    n_samples = len(groups) * cfg.rollout.num_generations * st["world"]
+    if rec["reward/errors"] > cfg.scoring.max_error_frac * n_samples and st["rank"] == 0:
+        log.error("step %d: %d of %d samples could not be scored (errors/timeouts, see reward/*/errors): they "
+                  "are skipped, not zero; check the reward functions", step, rec["reward/errors"], n_samples)
+    gen_tokens = _all_sum([sum(len(c.ids) for g in groups for c in g.completions)])[0]
+    step_time = time.perf_counter() - t0
+    rec.update({f"time/{k}": v for k, v in timer.t.items()})
+    rec.update({"time/step": step_time, "tokens_per_second": gen_tokens / step_time,
+                "memory/peak_gib": peak_memory_gib(st["device"])})
+    gathered: list[Any] = [None] * st["world"]
+    dist.all_gather_object(gathered, rollout_records(step, groups, step - 1) if cfg.log.rollouts else [])
+    if st["rank"] == 0 and cfg.log.rollouts:
+        write_records(run_dir / "rollouts" / f"step-{step:06d}.parquet", [r for p in gathered for r in p])
+    return rec
+
+
 def train(cfg: Config) -> Path:
     st = setup(cfg)
     rank, engine = st["rank"], st["engine"]
+    stop = StopFlag()
     run_dir = Path(cfg.output_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -424,17 +477,17 @@ def train(cfg: Config) -> Path:
     sampler = PromptSampler(len(st["prompts"].rows), cfg.seed)
     ckpt_root = run_dir / "checkpoints"
     start, wandb_id = 0, None
-    resume_from = ckpt.find_resume(ckpt_root, cfg.checkpoint.resume)
-    if resume_from is not None:
-        meta = ckpt.load(engine, resume_from, rank, st["world"])
+    resumed = ckpt.load_latest(engine, ckpt_root, cfg.checkpoint.resume, rank, st["world"], to_dict(cfg))
+    if resumed is not None:
+        path, meta = resumed
         start, wandb_id = meta["step"], meta.get("wandb_id")
         sampler.load_state(meta["sampler"])
-        log.info("resumed from %s at step %d", resume_from, start)
+        log.info("resumed from %s at step %d", path, start)
     metrics = Metrics(run_dir, to_dict(cfg), cfg.log.wandb, cfg.log.wandb_project, wandb_id) if rank == 0 else None
-    if metrics is not None and resume_from is not None:
-        metrics.truncate_after(start)
+    if metrics is not None:
+        metrics.truncate_after(start)  # lines written after the checkpoint we resume from are redone
 
-    if start == 0 and cfg.eval.at_start and cfg.eval.every >= 0:
+    if start == 0 and cfg.eval.at_start:
         ev = evaluate(cfg, st, 0, run_dir)
         if metrics is not None and ev:
             metrics.log({"step": 0, **ev})
@@ -445,53 +498,37 @@ def train(cfg: Config) -> Path:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True)
-    for step in range(start + 1, cfg.steps + 1):
-        timer = Timer()
-        st["reward_errors"], st["reward_timeouts"] = {}, {}
-        t0 = time.perf_counter()
-        groups, rounds = collect(cfg, st, sampler, timer)
-        upd = update(cfg, st, groups, timer)
-        with timer("sync"):
-            st["rollout"].sync(engine.module)
-        rec = {"step": step, **step_metrics(groups, st["world"], rounds), **upd}
-        names = list(st["reward_errors"])
-        counts = _all_sum([st["reward_errors"][k] for k in names] + [st["reward_timeouts"][k] for k in names])
-        for i, k in enumerate(names):
-            rec[f"reward/{k}/errors"], rec[f"reward/{k}/timeouts"] = counts[i], counts[len(names) + i]
-        n_samples = len(groups) * cfg.rollout.num_generations * st["world"]
-        if rec["reward/errors"] > cfg.scoring.max_error_frac * n_samples and rank == 0:
-            log.error("step %d: %d of %d samples could not be scored (errors/timeouts, see reward/*/errors): "
-                      "they are skipped, not zero; check the reward functions", step, rec["reward/errors"],
-                      n_samples)
-        gen_tokens = _all_sum([sum(len(c.ids) for g in groups for c in g.completions)])[0]
-        step_time = time.perf_counter() - t0
-        rec.update({f"time/{k}": v for k, v in timer.t.items()})
-        rec.update({"time/step": step_time, "tokens_per_second": gen_tokens / step_time,
-                    "memory/peak_gib": peak_memory_gib(st["device"])})
-        with timer("log"):
-            gathered: list[Any] = [None] * st["world"]
-            dist.all_gather_object(gathered, rollout_records(step, groups, step - 1) if cfg.log.rollouts else [])
-            if rank == 0 and cfg.log.rollouts:
-                write_records(run_dir / "rollouts" / f"step-{step:06d}.parquet", [r for p in gathered for r in p])
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
-            rec.update(evaluate(cfg, st, step, run_dir))
-        if step == cfg.steps and cfg.eval.at_end:
-            rec.update(evaluate(cfg, st, step, run_dir))
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            timer, t0 = Timer(), time.perf_counter()
+            st["reward_errors"], st["reward_timeouts"] = {}, {}
+            groups, rounds = collect(cfg, st, sampler, timer)  # generate + score + advantages
+            upd = update(cfg, st, groups, timer)  # logprobs + loss + backward + step
+            with timer("sync"):
+                st["rollout"].sync(engine.module)
+            rec = log_step(cfg, st, step, groups, rounds, upd, timer, t0, run_dir)
+            if (cfg.eval.every and step % cfg.eval.every == 0) or (step == cfg.steps and cfg.eval.at_end):
+                rec.update(evaluate(cfg, st, step, run_dir))
+            if metrics is not None:
+                metrics.log(rec)
+                bar.set_postfix(reward=f"{rec['reward/mean']:.3f}",
+                                **({"eval_acc": f"{rec['eval/accuracy']:.3f}"} if "eval/accuracy" in rec else {}))
+                bar.update(1)
+            stopping = stop.agreed()
+            if stopping or step == cfg.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                meta = {"step": step, "sampler": sampler.state(), "world_size": st["world"],
+                        "wandb_id": metrics.wandb_id if metrics else None, "config": to_dict(cfg)}
+                ckpt.save(engine, ckpt_root, step, meta, rank, cfg.checkpoint.keep)
+            if stopping and step < cfg.steps:
+                raise Preempted(f"stopped by signal after step {step}; checkpoint written, resume with the same "
+                                "command")
+        if cfg.checkpoint.save_final_model:
+            save_final(st, run_dir / "final")
+    finally:
+        if bar is not None:
+            bar.close()
         if metrics is not None:
-            metrics.log(rec)
-            bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", **({"eval_acc": f"{rec['eval/accuracy']:.3f}"}
-                                                                 if "eval/accuracy" in rec else {}))
-            bar.update(1)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.steps:
-            meta = {"step": step, "sampler": sampler.state(), "world_size": st["world"],
-                    "wandb_id": metrics.wandb_id if metrics else None, "config": to_dict(cfg)}
-            ckpt.save(engine, ckpt_root, step, meta, rank, cfg.checkpoint.keep)
-    if bar is not None:
-        bar.close()
-    if cfg.checkpoint.save_final_model:
-        save_final(st, run_dir / "final")
-    if metrics is not None:
-        metrics.close()
-    if st["pool"] is not None:
-        st["pool"].close()
+            metrics.close()
+        if st["pool"] is not None:
+            st["pool"].close()
     return run_dir

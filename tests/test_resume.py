@@ -1,0 +1,121 @@
+"""Preemption and crashes: SIGTERM checkpoints and exits for a requeue, SIGKILL loses nothing past the last
+checkpoint, damaged checkpoints are skipped, a changed configuration is refused. Resumed runs must reproduce the
+uninterrupted run's per-step rewards and losses exactly (CPU, same seeds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, tiny_overrides
+from tests.test_train import RECIPE, metrics, run_cli
+
+STEPS = 6
+KEYS = ("reward/mean", "loss/pg", "entropy", "completion/len_mean", "grad_norm")
+
+
+def _args(model, run, **kw):
+    return tiny_overrides(model, run, **{"steps": STEPS, "checkpoint.keep": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    p = run_cli(_args(tiny_model_dir, run))
+    assert p.returncode == 0, p.stderr[-2000:]
+    return {r["step"]: r for r in metrics(run)}
+
+
+def _same_as_reference(run: Path, reference: dict) -> None:
+    got = metrics(run)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)), "a step was lost or repeated"
+    for r in got:
+        for k in KEYS:
+            assert r[k] == pytest.approx(reference[r["step"]][k], rel=1e-5, abs=1e-7), (r["step"], k)
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "grpo", "train", str(RECIPE), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        f = run / "metrics.jsonl"
+        if f.exists() and any(json.loads(x).get("step", 0) >= step for x in f.read_text().splitlines() if x.strip()
+                              and x.rstrip().endswith("}")):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} never logged")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_and_exits_for_requeue(tmp_path, tiny_model_dir, reference, sig):
+    run = tmp_path / "run"
+    args = _args(tiny_model_dir, run, **{"checkpoint.every": 100})  # only the signal makes a checkpoint
+    proc = _start(args)
+    _wait_for_step(run, 2, proc)
+    proc.send_signal(sig)
+    proc.send_signal(sig)  # signals arrive twice
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 85, err[-2000:]
+    assert "stopped by signal after step" in err
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and int(ckpts[0].split("-")[1]) < STEPS
+    p = run_cli(args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    _same_as_reference(run, reference)
+
+
+def test_sigkill_resumes_exactly(tmp_path, tiny_model_dir, reference):
+    run = tmp_path / "run"
+    args = _args(tiny_model_dir, run, **{"checkpoint.every": 1})
+    proc = _start(args)
+    _wait_for_step(run, 3, proc)
+    proc.kill()
+    proc.communicate()
+    assert not (run / "final").exists()
+    p = run_cli(args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed from" in p.stderr
+    _same_as_reference(run, reference)
+
+
+def test_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, tiny_model_dir, reference):
+    run = tmp_path / "run"
+    args = _args(tiny_model_dir, run, **{"checkpoint.every": 1})
+    assert run_cli(args[:] + ["steps=4"]).returncode == 0
+    states = list((run / "checkpoints" / "step-000004" / "state").glob("*model_states.pt"))
+    assert states
+    states[0].write_bytes(b"\0" * 100)  # a torn write
+    (run / "checkpoints" / ".staging-000005").mkdir()  # an interrupted save: never picked
+    p = run_cli(args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "step-000004 could not be loaded" in p.stderr and "resumed from" in p.stderr
+    assert "step-000003" in p.stderr.split("resumed from")[1].splitlines()[0]
+    _same_as_reference(run, reference)
+    kept = sorted(x.name for x in (run / "checkpoints").glob("step-*"))
+    assert kept == ["step-000005", "step-000006"]  # the last two, never fewer
+
+
+def test_changed_configuration_is_refused(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    assert run_cli(_args(tiny_model_dir, run, steps=2)).returncode == 0
+    p = run_cli(_args(tiny_model_dir, run, steps=3, **{"rollout.num_generations": 2, "optim.micro_batch_size": 2}))
+    assert p.returncode == 2
+    assert "different rollout.num_generations" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_explicit_resume_path_must_be_complete(tmp_path, tiny_model_dir):
+    p = run_cli(_args(tiny_model_dir, tmp_path / "run", **{"checkpoint.resume": str(tmp_path / "nothing")}))
+    assert p.returncode == 2 and "is not a complete checkpoint" in p.stderr
