@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train a policy with GRPO from a recipe")
     t.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.num_generations=16")
+    e = sub.add_parser("eval", help="evaluate a model on a recipe's held-out split (greedy, or pass@k)")
+    e.add_argument("recipe")
+    e.add_argument("model", help="HF model folder, e.g. a run's final/")
+    e.add_argument("overrides", nargs="*")
     i = sub.add_parser("inspect", help="summarise a run directory: curves, worst/best groups, a prompt's group")
     i.add_argument("run_dir")
     i.add_argument("--step", type=int, default=None, help="step to show groups of (default: the last)")
@@ -56,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from grpo.train import PREEMPTED_EXIT, Preempted
 
+    if args.command == "eval":
+        try:
+            cfg = load_config(args.recipe, [f"model.path={args.model}", *args.overrides])
+            from grpo.train import evaluate_only
+
+            ev = evaluate_only(cfg)
+        except ConfigError as e:
+            print(f"grpo: error: {e}", file=sys.stderr)
+            return 2
+        print(" ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+        return 0
     try:
         cfg = load_config(args.recipe, args.overrides)
         from grpo.train import train

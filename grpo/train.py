@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
 import signal
@@ -520,6 +521,9 @@ def train(cfg: Config) -> Path:
                         "wandb_id": metrics.wandb_id if metrics else None, "config": to_dict(cfg)}
                 ckpt.save(engine, ckpt_root, step, meta, rank, cfg.checkpoint.keep)
             if stopping and step < cfg.steps:
+                marker = os.environ.get("GRPO_PREEMPT_MARKER")  # launchers (torchrun) hide our exit code
+                if marker and rank == 0:
+                    Path(marker).write_text(f"{step}\n")
                 raise Preempted(f"stopped by signal after step {step}; checkpoint written, resume with the same "
                                 "command")
         if cfg.checkpoint.save_final_model:
@@ -532,3 +536,20 @@ def train(cfg: Config) -> Path:
         if st["pool"] is not None:
             st["pool"].close()
     return run_dir
+
+
+def evaluate_only(cfg: Config) -> dict[str, float]:
+    """`grpo eval`: the held-out evaluation of `model.path` alone (records and one metrics line in output_dir)."""
+    st = setup(cfg)
+    run_dir = Path(cfg.output_dir)
+    if st["rank"] == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    try:
+        ev = evaluate(cfg, st, 0, run_dir)
+        if st["rank"] == 0:
+            (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "model": cfg.model.path, **ev}) + "\n")
+    finally:
+        if st["pool"] is not None:
+            st["pool"].close()
+    return ev
