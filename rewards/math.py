@@ -14,52 +14,34 @@ from fractions import Fraction
 # Linear-time patterns only (no nested quantifiers): completions can be 100k characters of hostile text.
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _PLAIN_NUMBER = re.compile(r"\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?|-?\.\d+)\s*\$?\s*\.?\s*")
-_BOXED = "\\boxed{"
 
 EXTRACTORS = ("boxed", "last_number", "final_line")
 
 
+_BRACE_TOKENS = re.compile(r"\\boxed\{|[{}]")
+
+
+def all_boxed(text: str, limit: int = 64) -> list[str]:
+    """Contents of the closed `\\boxed{...}` (balanced braces), in order of their opening. One pass with a stack;
+    at most `limit` boxes are kept (more than a few is a hedge anyway), so nested boxes cost no quadratic copy."""
+    found: list[tuple[int, str]] = []
+    stack: list[tuple[bool, int, int]] = []  # (is a box, where its content starts, where it opened)
+    for m in _BRACE_TOKENS.finditer(text):
+        tok = m.group(0)
+        if tok == "}":
+            if stack:
+                is_box, content, opened = stack.pop()
+                if is_box and len(found) < limit:
+                    found.append((opened, text[content : m.start()]))
+        else:
+            stack.append((tok != "{", m.end(), m.start()))
+    return [inner for _, inner in sorted(found)]
+
+
 def last_boxed(text: str) -> str | None:
-    """Contents of the last `\\boxed{...}` (balanced braces), or None."""
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    i = start + len(_BOXED)
-    depth = 1
-    for j in range(i, len(text)):
-        c = text[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None  # unbalanced: the box was never closed (e.g. cut at the token limit)
-
-
-def all_boxed(text: str) -> list[str]:
-    out, pos = [], 0
-    while True:
-        start = text.find(_BOXED, pos)
-        if start < 0:
-            return out
-        inner = last_boxed(text[: _closing(text, start) + 1]) if _closing(text, start) >= 0 else None
-        if inner is None:
-            return out
-        out.append(inner)
-        pos = start + len(_BOXED)
-
-
-def _closing(text: str, start: int) -> int:
-    depth = 0
-    for j in range(start + len(_BOXED) - 1, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return j
-    return -1
+    """Contents of the last closed `\\boxed{...}`, or None (no box, or cut before it closed)."""
+    boxes = all_boxed(text)
+    return boxes[-1] if boxes else None
 
 
 def extract_answer(text: str, mode: str = "last_number") -> str | None:

@@ -49,9 +49,11 @@ def test_huge_integers_do_not_crash():
 
 
 def test_hostile_input_is_linear_time():
-    hostile = ["1" * 100_000, "-" * 100_000 + "1", "<think>" * 20_000, "\\boxed{" * 20_000, " " * 100_000]
+    hostile = ["1" * 100_000, "-" * 100_000 + "1", "<think>" * 20_000, "\\boxed{" * 20_000, " " * 100_000,
+               "\\boxed{" * 20_000 + "}" * 20_000, "{" * 50_000 + "}" * 50_000]
     t0 = time.perf_counter()
-    for fn in (lambda c: accuracy(c, answer=["1"] * len(c)), think_answer, number_only):
+    for fn in (lambda c: accuracy(c, answer=["1"] * len(c)), lambda c: accuracy(c, ["1"] * len(c), extract="boxed"),
+               think_answer, number_only):
         out = fn(hostile)
         assert all(v is None or math.isfinite(v) for v in out)
     assert time.perf_counter() - t0 < 5
