@@ -230,8 +230,8 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                 if st["ref"] is not None:
                     ref_lp[k] = completion_logprobs(st["ref"], mb, temp, cfg.optim.logprob_chunk_size)[0]
 
-    stats = {"pg_loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy_sum": 0.0, "mismatch_sum": 0.0,
-             "mismatch_max": 0.0, "tokens": 0.0}
+    stats = {"pg_loss": 0.0, "kl": 0.0, "clipped": 0.0, "clip_tokens": 0.0, "entropy_sum": 0.0,
+             "mismatch_sum": 0.0, "mismatch_max": 0.0, "tokens": 0.0}
     grad_norms = []
     model.train()
     for it in range(cfg.algo.num_iterations):
@@ -258,10 +258,11 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                 if k == len(chunks) - 1 and engine.zero_optimization_stage() == 0:
                     pre_clip_norm = _local_grad_norm(model)  # ZeRO-0 does not record it
                 engine.step()
+                stats["clipped"] += parts.clip_frac_num  # over every pass: with one pass the ratio is 1
+                stats["clip_tokens"] += len(logp)
                 if it == 0:
                     stats["pg_loss"] += parts.pg_loss
                     stats["kl"] += parts.kl
-                    stats["clipped"] += parts.clip_frac_num
                     stats["entropy_sum"] += float(ent.sum())
                     diff = (logp.detach() - e_lp).abs()
                     stats["mismatch_sum"] += float(diff.sum())
@@ -272,11 +273,11 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                         refs[i].trainer_logprob_mean = float(per_seq[j]) / len(seqs[i].completion_ids)
         grad_norms.append(pre_clip_norm if pre_clip_norm is not None else _ds_grad_norm(engine))
     summed = _all_sum([stats["pg_loss"], stats["kl"], stats["clipped"], stats["entropy_sum"],
-                       stats["mismatch_sum"], stats["tokens"]])
+                       stats["mismatch_sum"], stats["tokens"], stats["clip_tokens"]])
     mx = torch.tensor([stats["mismatch_max"]])
     dist.all_reduce(mx, op=dist.ReduceOp.MAX)
     toks = max(summed[5], 1.0)
-    return {"loss/pg": summed[0], "loss/kl": summed[1], "clip_frac": summed[2] / toks,
+    return {"loss/pg": summed[0], "loss/kl": summed[1], "clip_frac": summed[2] / max(summed[6], 1.0),
             "entropy": summed[3] / toks, "logprob_mismatch/mean_abs": summed[4] / toks,
             "logprob_mismatch/max_abs": float(mx.item()), "grad_norm": grad_norms[-1],
             "lr": engine.get_lr()[0]}

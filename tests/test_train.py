@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,3 +121,32 @@ def test_empty_dataset_fails_at_start(tmp_path, tiny_model_dir):
     data.write_text("")
     p = run_cli(tiny_overrides(tiny_model_dir, tmp_path / "r", **{"data.source": "hf", "data.path": str(data)}))
     assert p.returncode == 2 and "data.path" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("options", [
+    {"algo.beta": 0.1},
+    {"algo.num_iterations": 2, "algo.clip_high": 0.05, "algo.clip_low": 0.05},
+    {"rollout.dynamic_sampling": True, "rollout.max_sampling_rounds": 3},
+    {"algo.advantage": "rloo", "algo.loss_agg": "sequence", "algo.tis_cap": 2.0},
+    {"algo.advantage": "drgrpo", "algo.loss_agg": "constant", "optim.layout": "packed"},
+    {"model.gradient_checkpointing": True, "optim.schedule": "cosine", "optim.warmup_steps": 1},
+    {"deepspeed.zero_stage": 2, "optim.layout": "padded", "scoring.workers": 0},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_algorithm_options_run_end_to_end(tmp_path, tiny_model_dir, options):
+    run = tmp_path / "run"
+    p = run_cli(tiny_overrides(tiny_model_dir, run, **{"steps": 3, "checkpoint.every": 0, **options}))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    assert all(math.isfinite(r["loss/pg"]) and r["grad_norm"] > 0 for r in m)
+    if options.get("algo.beta"):
+        assert m[0]["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+        assert m[2]["loss/kl"] > 0  # and drifts from it after
+    if options.get("algo.num_iterations"):
+        assert any(r["clip_frac"] > 0 for r in m)  # the second pass moves the ratio off 1, tight clips bite
+    if options.get("rollout.dynamic_sampling"):
+        assert all(1 <= r["rollout/rounds"] <= 3 for r in m)
+        assert all(r["groups/zero_variance_frac"] == 0 or r["rollout/rounds"] == 3 for r in m)
+    if options.get("optim.schedule") == "cosine":
+        lrs = [r["lr"] for r in m]  # warm-up of 1 step, then cosine decay over 3 steps
+        assert lrs[0] == pytest.approx(1e-3) and lrs[2] < lrs[1] < lrs[0]
