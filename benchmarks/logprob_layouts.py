@@ -1,0 +1,47 @@
+"""Training forward+backward time of the three logprob layouts on the embedded model, same batch:
+8 prompts x 8 completions (32 prompt tokens, 22 completion tokens), micro-batches of 16 sequences.
+
+    .venv/bin/python benchmarks/logprob_layouts.py [--reps 2]
+
+`prefix` runs each prompt once per micro-batch and fans its KV cache out to the group; `padded` and `packed`
+run every sequence whole. All three give the same logprobs and gradients (tests/test_logprobs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
+from grpo.model import embedded_model_dir, load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+    model = load_model(str(embedded_model_dir()), "float32")
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for _ in range(8):
+        prompt = torch.randint(10, 40000, (32,), generator=g).tolist()
+        seqs += [Sequence(prompt, torch.randint(10, 40000, (22,), generator=g).tolist()) for _ in range(8)]
+    times = {}
+    for layout in ("prefix", "padded", "packed"):
+        best = float("inf")
+        for _ in range(args.reps):
+            model.zero_grad()
+            t0 = time.perf_counter()
+            for i in range(0, len(seqs), 16):
+                lp, _ = completion_logprobs(model, build_micro_batch(seqs[i : i + 16], 2, layout), 1.0)
+                lp.sum().backward()
+            best = min(best, time.perf_counter() - t0)
+        times[layout] = best
+    for layout, t in times.items():
+        print(f"{layout:8s} {t:7.2f} s   ({times['padded'] / t:.2f}x padded)")
+
+
+if __name__ == "__main__":
+    main()
