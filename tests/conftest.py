@@ -70,3 +70,18 @@ def needs_tests(completions, tests, **_):
 def length_reward(completions, **_):
     """A reward a random tiny model can vary on (characters / 100), so its groups carry signal."""
     return [len(c) / 100 for c in completions]
+
+
+def execute_notebook(run_dir: Path) -> list:
+    """Execute notebooks/inspect_rollouts.ipynb with a real kernel on `run_dir`; returns the executed code cells."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "inspect_rollouts.ipynb", as_version=4)
+    os.environ["GRPO_RUN_DIR"] = str(run_dir)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        del os.environ["GRPO_RUN_DIR"]
+    return [c for c in nb.cells if c.cell_type == "code"]

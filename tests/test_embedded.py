@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import execute_notebook
 from tests.test_train import metrics, run_cli
 
 
@@ -30,20 +31,6 @@ def test_embedded_default_short_run(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     assert model.config.num_hidden_layers == 30
     # the inspection notebook runs top to bottom on a run of the embedded default
-    import os
-
-    import nbformat
-    from nbclient import NotebookClient
-
-    from tests.conftest import ROOT
-
-    nb = nbformat.read(ROOT / "notebooks" / "inspect_rollouts.ipynb", as_version=4)
-    os.environ["GRPO_RUN_DIR"] = str(run)
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    finally:
-        del os.environ["GRPO_RUN_DIR"]
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    outputs = [o for c in execute_notebook(run) for o in c.outputs]
     assert not any(o.get("output_type") == "error" for o in outputs)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from grpo.view import RunError, group_summary, group_table, load_run, pass_at_k, pass_at_k_table
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, execute_notebook, tiny_overrides
 from tests.test_train import run_cli
 
 
@@ -105,17 +105,7 @@ def test_old_schema_is_refused_clearly(tiny_run, tmp_path):
 
 
 def test_notebook_runs_top_to_bottom(tiny_run):
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(ROOT / "notebooks" / "inspect_rollouts.ipynb", as_version=4)
-    os.environ["GRPO_RUN_DIR"] = str(tiny_run)
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    finally:
-        del os.environ["GRPO_RUN_DIR"]
-    code = [c for c in nb.cells if c.cell_type == "code"]
+    code = execute_notebook(tiny_run)
     assert all(c.execution_count is not None for c in code)
     assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
     pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
