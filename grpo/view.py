@@ -62,16 +62,16 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{p}: not a directory")
     mpath = p / "metrics.jsonl"
     lines = []
-    if mpath.is_file():
-        for i, line in enumerate(mpath.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                lines.append(json.loads(line))
-            except ValueError:
-                if i != len(mpath.read_text().splitlines()) - 1:
-                    raise RunError(f"{mpath}: line {i + 1} is not JSON") from None
-                # a torn last line: the run is still writing it
+    raw = mpath.read_text().splitlines() if mpath.is_file() else []
+    for i, line in enumerate(raw):
+        if not line.strip():
+            continue
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            if i != len(raw) - 1:
+                raise RunError(f"{mpath}: line {i + 1} is not JSON") from None
+            # a torn last line: the run is still writing it
     rollouts = _read_parquets(p / "rollouts")
     evals = _read_parquets(p / "eval")
     if not lines and rollouts.empty:
