@@ -70,10 +70,46 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM engines. `vllm`: colocated, in the trainer process (sleeps during the update on CUDA).
+    `vllm_server`: servers started with `grpo serve` (other GPUs or nodes); weights go to them over a process group
+    (NCCL on GPUs, gloo on CPU). After every sync the engine's weights are checksummed against the trainer's and a
+    canary compares the engine's logprobs on a fixed probe sequence with the trainer's."""
+
+    gpu_memory_utilization: float = 0.3  # colocated share of each GPU (weights + KV cache); servers: 0.9
+    kv_cache_gib: float = 1.0  # CPU: KV cache size
+    max_model_len: int | None = None  # default: data.max_prompt_tokens + rollout.max_new_tokens
+    enforce_eager: bool | None = None  # None: eager on CPU (compiling takes minutes), CUDA graphs on GPU
+    sleep: bool = True  # colocated on CUDA: free the KV cache and offload weights while the trainer updates
+    servers: list[str] = field(default_factory=list)  # vllm_server: base URLs, e.g. http://node7:8000
+    sync_host: str | None = None  # address the servers reach the trainer at (default: this host's name)
+    sync_port: int = 51216  # TCP port of the weight-sync rendezvous on the trainer's rank 0
+    sync_bucket_mb: int = 256  # weights are gathered and sent in buckets of this size
+    timeout: float = 600.0  # seconds for any request to a server or collective with it; past it: an error
+    canary: str = "error"  # error | warn | off: what a failed sync check does
+    canary_tolerance: float = 0.05  # max mean |engine - trainer| logprob on the probe sequence
+
+    def validate(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.vllm.gpu_memory_utilization: must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
+        _positive("rollout.vllm.kv_cache_gib", self.kv_cache_gib)
+        if self.max_model_len is not None:
+            _positive("rollout.vllm.max_model_len", self.max_model_len)
+        _positive("rollout.vllm.sync_bucket_mb", self.sync_bucket_mb)
+        _positive("rollout.vllm.timeout", self.timeout)
+        _choice("rollout.vllm.canary", self.canary, ("error", "warn", "off"))
+        _positive("rollout.vllm.canary_tolerance", self.canary_tolerance)
+        for i, url in enumerate(self.servers):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"rollout.vllm.servers[{i}]: {url!r} is not an http:// URL")
+
+
+@dataclass
 class RolloutConfig:
     """Sampling. Each step draws `prompts_per_step` prompts and samples `num_generations` completions for each."""
 
-    engine: str = "hf"  # hf (transformers generate)
+    engine: str = "hf"  # hf (transformers generate) | vllm (colocated) | vllm_server (grpo serve)
     prompts_per_step: int = 8  # across all ranks
     num_generations: int = 8  # G, completions per prompt
     max_new_tokens: int = 64
@@ -82,9 +118,14 @@ class RolloutConfig:
     generation_batch_size: int = 64  # sequences per generate call
     dynamic_sampling: bool = False  # DAPO: drop zero-variance groups, sample more prompts to refill
     max_sampling_rounds: int = 4  # bound on refills per step when dynamic_sampling is on
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self) -> None:
-        _choice("rollout.engine", self.engine, ("hf",))
+        _choice("rollout.engine", self.engine, ("hf", "vllm", "vllm_server"))
+        self.vllm.validate()
+        if self.engine == "vllm_server" and not self.vllm.servers:
+            raise ConfigError("rollout.vllm.servers: required with rollout.engine=vllm_server (URLs printed by "
+                              "`grpo serve`)")
         _positive("rollout.prompts_per_step", self.prompts_per_step)
         if self.num_generations < 2:
             raise ConfigError("rollout.num_generations: must be >= 2 (a group needs two samples to compare)")
@@ -131,7 +172,13 @@ class AlgoConfig:
     loss_agg: str = "token"  # token | sequence | constant
     beta: float = 0.0  # KL weight (k3 against a frozen reference); 0 loads no reference model
     num_iterations: int = 1  # gradient passes per rollout batch; >1 computes old logprobs once
-    tis_cap: float | None = None  # truncated importance weight cap for engine/trainer mismatch (None: off)
+    ratio: str = "token"  # token (PPO/GRPO) | sequence (GSPO: length-normalised sequence ratio; use small clips)
+    # Engine/trainer mismatch correction (vLLM samples, the trainer scores): weight each token (or sequence) by
+    # pi_trainer / pi_engine, truncated at tis_cap (or masked above it). auto: on with vLLM engines, off with hf.
+    tis: str = "auto"  # auto | on | off
+    tis_cap: float = 2.0
+    tis_level: str = "token"  # token | sequence (the product of the sequence's token ratios)
+    tis_mode: str = "truncate"  # truncate (min(w, cap)) | mask (w, or 0 where w > cap)
 
     def validate(self) -> None:
         _choice("algo.advantage", self.advantage, ("grpo", "drgrpo", "rloo"))
@@ -142,8 +189,11 @@ class AlgoConfig:
             raise ConfigError(f"algo.clip_low: must be < 1, got {self.clip_low}")
         _nonneg("algo.beta", self.beta)
         _positive("algo.num_iterations", self.num_iterations)
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ConfigError(f"algo.tis_cap: must be > 0 or null, got {self.tis_cap}")
+        _choice("algo.ratio", self.ratio, ("token", "sequence"))
+        _choice("algo.tis", self.tis, ("auto", "on", "off"))
+        _positive("algo.tis_cap", self.tis_cap)
+        _choice("algo.tis_level", self.tis_level, ("token", "sequence"))
+        _choice("algo.tis_mode", self.tis_mode, ("truncate", "mask"))
 
 
 @dataclass
@@ -257,6 +307,11 @@ class Config:
                 raise ConfigError(f"rewards[{i}].name: required")
             if not r.timeout > 0:
                 raise ConfigError(f"rewards[{i}].timeout: must be > 0, got {r.timeout}")
+
+    def tis_enabled(self) -> bool:
+        """Importance weights are on when asked, or by default when a vLLM engine samples (its kernels differ
+        from the trainer's, so its logprobs do too); the HF engine samples from the trainer's own module."""
+        return self.algo.tis == "on" or (self.algo.tis == "auto" and self.rollout.engine != "hf")
 
     def check_batch(self, world_size: int) -> BatchShape:
         """Derived batch sizes, computed once, with the divisibility checks that make them exact."""

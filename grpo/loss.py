@@ -32,9 +32,41 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def truncated_is_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
-    """min(pi_trainer / pi_engine, cap) per token: corrects the sampler/trainer mismatch (TIS), no gradient."""
-    return torch.clamp(torch.exp(trainer_logp.detach() - engine_logp), max=cap)
+def truncated_is_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float,
+                         seq_index: torch.Tensor | None = None, num_seqs: int = 0, level: str = "token",
+                         mode: str = "truncate") -> torch.Tensor:
+    """Importance weights pi_trainer / pi_engine that correct the sampler/trainer mismatch (no gradient).
+
+    level token: one ratio per token; sequence: the product of a sequence's token ratios, given to each of its
+    tokens (`seq_index` maps tokens to sequences). mode truncate: min(w, cap) (TIS); mask: w where w <= cap, else 0
+    (the sample is dropped rather than down-weighted).
+    """
+    log_w = trainer_logp.detach().float() - engine_logp.float()
+    if level == "sequence":
+        if seq_index is None:
+            raise ValueError("sequence-level importance weights need seq_index")
+        per_seq = torch.zeros(num_seqs, dtype=log_w.dtype, device=log_w.device).index_add_(0, seq_index, log_w)
+        log_w = per_seq[seq_index]
+    elif level != "token":
+        raise ValueError(f"unknown importance weight level {level!r}")
+    w = torch.exp(log_w)  # may overflow to inf: both modes below handle it
+    if mode == "truncate":
+        return torch.clamp(w, max=cap)
+    if mode == "mask":
+        return torch.where(w <= cap, w, torch.zeros_like(w))
+    raise ValueError(f"unknown importance weight mode {mode!r}")
+
+
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, seq_index: torch.Tensor,
+                       num_seqs: int) -> torch.Tensor:
+    """GSPO's ratio, per token: the value is the sequence's length-normalised log-ratio
+    mean_t(logp - old) (the same for all its tokens), and the gradient is that of logp_t. So exp() of it is the
+    sequence ratio s_i, clipping acts on whole sequences, and d(s_i)/d(theta) flows through every token."""
+    diff = (logp - old_logp).detach()
+    ones = torch.ones_like(diff)
+    n = torch.zeros(num_seqs, dtype=diff.dtype, device=diff.device).index_add_(0, seq_index, ones)
+    mean = torch.zeros(num_seqs, dtype=diff.dtype, device=diff.device).index_add_(0, seq_index, diff) / n
+    return mean[seq_index] + logp - logp.detach()
 
 
 def token_weights(mode: str, seq_len: torch.Tensor, global_tokens: int, global_seqs: int,
@@ -64,9 +96,20 @@ class LossParts:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, weights: torch.Tensor,
                 clip_low: float, clip_high: float, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
-                is_weights: torch.Tensor | None = None) -> LossParts:
-    """sum_t w_t * [is_t * clipped_surrogate_t + beta * k3_t] over the micro-batch's completion tokens."""
-    pg, was_clipped = clipped_surrogate(logp, old_logp, adv, clip_low, clip_high)
+                is_weights: torch.Tensor | None = None, ratio: str = "token",
+                seq_index: torch.Tensor | None = None, num_seqs: int = 0) -> LossParts:
+    """sum_t w_t * [is_t * clipped_surrogate_t + beta * k3_t] over the micro-batch's completion tokens.
+
+    ratio token: the PPO ratio per token; sequence: GSPO's length-normalised sequence ratio (needs seq_index)."""
+    if ratio == "sequence":
+        if seq_index is None:
+            raise ValueError("the sequence-level ratio needs seq_index")
+        log_r = sequence_log_ratio(logp, old_logp, seq_index, num_seqs)
+        pg, was_clipped = clipped_surrogate(log_r, torch.zeros_like(log_r), adv, clip_low, clip_high)
+    elif ratio == "token":
+        pg, was_clipped = clipped_surrogate(logp, old_logp, adv, clip_low, clip_high)
+    else:
+        raise ValueError(f"unknown ratio level {ratio!r}")
     if is_weights is not None:
         pg = pg * is_weights
     total = pg

