@@ -1,6 +1,8 @@
 """`grpo train RECIPE.yaml [dotted.key=value ...]` (also `python -m grpo`).
 
 Multi-process: `torchrun --nproc_per_node N -m grpo train ...` or `deepspeed --num_gpus N -m grpo ...`.
+Server mode: `grpo serve RECIPE --port 8000` on the generation GPUs/nodes, then
+`grpo train RECIPE rollout.engine=vllm_server rollout.vllm.servers=[http://HOST:8000]`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("recipe")
     c.add_argument("cases", help="JSONL: completion, row columns, expected scores per reward")
     c.add_argument("overrides", nargs="*")
+    v = sub.add_parser("serve", help="start a vLLM generation server for a recipe's model (server mode)")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+    v.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    v.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
+    v.add_argument("--ready-file", default=None, help="append this server's URL to the file once it is ready")
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into a cached HF folder")
     p.add_argument("--print-path", action="store_true")
     args = parser.parse_args(argv)
@@ -53,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, ValueError, OSError) as e:
             print(f"grpo check-rewards: error: {e}", file=sys.stderr)
             return 2
+    if args.command == "serve":
+        try:
+            from grpo.serve import serve
+
+            serve(load_config(args.recipe, args.overrides), args.host, args.port, args.ready_file)
+        except ConfigError as e:
+            print(f"grpo serve: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "prepare-model":
         from grpo.model import embedded_model_dir
 

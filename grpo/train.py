@@ -144,9 +144,12 @@ def build_rollout(cfg: Config, model: torch.nn.Module, tok, model_path: str, dev
     if cfg.rollout.engine == "vllm":
         return VLLMEngine(cfg, model_path, tok, device, rank, world, stop_ids(tok, model), probe,
                           getattr(model.config, "max_position_embeddings", None))
-    from grpo.serve import ServerEngine
+    from grpo.serve import ServerEngine, ServerError
 
-    return ServerEngine(cfg, tok, rank, world, stop_ids(tok, model), probe)
+    try:
+        return ServerEngine(cfg, tok, rank, world, stop_ids(tok, model), probe)
+    except ServerError as e:
+        raise ConfigError(f"rollout.vllm.servers: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ phases

@@ -109,10 +109,9 @@ def build_llm(kwargs: dict[str, Any]):
 def _reason(e: Exception) -> str:
     """The informative line of a vLLM start-up error (pydantic wraps them in several lines of boilerplate)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
-    for ln in lines:
-        if "Value error" in ln or "Error" in ln:
-            return ln
-    return lines[-1] if lines else type(e).__name__
+    line = next((ln for ln in lines if "Value error" in ln or "Error" in ln), lines[-1] if lines else type(e).__name__)
+    line = line.split(" [type=")[0].removeprefix("Value error, ")
+    return line if len(line) <= 400 else line[:400] + " ..."
 
 
 def vllm_sampling_params(params: SamplingParams, n: int, stop_ids: list[int], seed: int | None = None):

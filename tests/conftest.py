@@ -53,6 +53,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer)
 
 
+@pytest.fixture(scope="session")
+def vllm_tiny_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny model vLLM's CPU attention has kernels for (head size 64)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-vllm") / "model", tokenizer, hidden=128, heads=2)
+
+
 def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
     """Overrides that make the default recipe a seconds-long run on the tiny model."""
     o = {"model.path": str(model_dir), "output_dir": str(out), "steps": 2, "data.num_train": 64,
