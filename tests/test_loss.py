@@ -91,3 +91,49 @@ def test_gradient_matches_independent_reference(mode, beta):
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     assert torch.allclose(g_ours.double(), g_ref, atol=1e-6)
     assert g_ref.abs().sum() > 0
+
+
+def test_sequence_level_and_masked_importance_weights_by_hand():
+    # two sequences: tokens 0,1 belong to seq 0, token 2 to seq 1
+    seq = torch.tensor([0, 0, 1])
+    trainer = torch.log(torch.tensor([0.5, 0.4, 0.9]))
+    engine = torch.log(torch.tensor([0.25, 0.8, 0.3]))
+    # token ratios 2.0, 0.5, 3.0; sequence ratios 2.0 * 0.5 = 1.0 and 3.0
+    tok = truncated_is_weights(trainer, engine, 2.5, seq, 2, "token", "truncate")
+    assert torch.allclose(tok, torch.tensor([2.0, 0.5, 2.5]))
+    seq_w = truncated_is_weights(trainer, engine, 2.5, seq, 2, "sequence", "truncate")
+    assert torch.allclose(seq_w, torch.tensor([1.0, 1.0, 2.5]))
+    masked = truncated_is_weights(trainer, engine, 2.5, seq, 2, "sequence", "mask")
+    assert torch.allclose(masked, torch.tensor([1.0, 1.0, 0.0]))
+    masked_tok = truncated_is_weights(trainer, engine, 1.5, seq, 2, "token", "mask")
+    assert torch.allclose(masked_tok, torch.tensor([0.0, 0.5, 0.0]))
+    # a huge sequence ratio overflows exp() to inf: truncated to the cap, masked to 0, never NaN
+    big = truncated_is_weights(torch.zeros(3), torch.full((3,), -400.0), 2.0, seq, 2, "sequence", "truncate")
+    assert torch.equal(big, torch.full((3,), 2.0))
+    assert torch.equal(truncated_is_weights(torch.zeros(3), torch.full((3,), -400.0), 2.0, seq, 2, "sequence",
+                                            "mask"), torch.zeros(3))
+
+
+def test_gspo_sequence_ratio_value_clipping_and_gradient():
+    from grpo.loss import sequence_log_ratio
+
+    seq = torch.tensor([0, 0, 1])
+    old = torch.tensor([-1.0, -2.0, -0.5])
+    logp = torch.tensor([-0.9, -1.7, -0.5], requires_grad=True)
+    log_r = sequence_log_ratio(logp, old, seq, 2)
+    # seq 0: mean(0.1, 0.3) = 0.2 for both tokens; seq 1: 0
+    assert torch.allclose(log_r.detach(), torch.tensor([0.2, 0.2, 0.0]))
+    adv = torch.tensor([1.0, 1.0, -1.0])
+    w = torch.tensor([0.25, 0.25, 0.5])  # sequence aggregation: 1/(len * n_seqs)
+    parts = policy_loss(logp, old, adv, w, 0.1, 0.3, ratio="sequence", seq_index=seq, num_seqs=2)
+    # seq 0 ratio e^0.2 = 1.2214 < 1.3: unclipped; loss = -(0.25 + 0.25) * 1.2214 - 0.5 * (-1) * 1
+    r0 = math.exp(0.2)
+    assert math.isclose(parts.loss.item(), -0.5 * r0 + 0.5, rel_tol=1e-6)
+    parts.loss.backward()
+    # d/dlogp_t of -w_t * A * s_i: the gradient of GSPO's sequence ratio, s_i * mean_t grad(logp_t), per token
+    assert torch.allclose(logp.grad, torch.tensor([-0.25 * r0, -0.25 * r0, 0.5]), atol=1e-6)
+    # past the clip range the whole sequence is clipped: no gradient from any of its tokens
+    logp2 = torch.tensor([-0.5, -1.5, -0.5], requires_grad=True)  # seq 0 mean diff 0.5: e^0.5 > 1.3
+    p2 = policy_loss(logp2, old, adv, w, 0.1, 0.3, ratio="sequence", seq_index=seq, num_seqs=2)
+    p2.loss.backward()
+    assert torch.equal(logp2.grad[:2], torch.zeros(2)) and p2.clip_frac_num == 2.0

@@ -48,11 +48,12 @@ def _wait(jid: str, states: tuple[str, ...], timeout: float = 600) -> dict[str, 
     raise TimeoutError(f"job {jid} never reached {states}: {_job(jid)}")
 
 
-def _sbatch(script: str, args: list[str], out: Path, env_extra: dict[str, str] | None = None) -> str:
+def _sbatch(script: str, args: list[str], out: Path, env_extra: dict[str, str] | None = None,
+            sbatch_args: list[str] = ()) -> str:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
            "GRPO_PYTHON": str(Path(os.sys.executable)), **(env_extra or {})}
-    p = subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={out}", str(ROOT / "slurm" / script),
-                        *args], env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={out}", *sbatch_args,
+                        str(ROOT / "slurm" / script), *args], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     return p.stdout.strip().split(";")[0]
 
@@ -71,6 +72,13 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path, tiny_model_dir, npr
     args = ["recipes/smollm2-135m-arith.yaml", *tiny_overrides(tiny_model_dir, run, **{
         "steps": steps, "checkpoint.every": 100})]  # only the preemption makes a mid-run checkpoint
     jid = _sbatch("train.slurm", args, log, {"GRPO_NPROC": str(nproc)})
+    text = _preempt_and_finish(jid, run, log, steps)
+    assert "start 2 on" in text
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def _preempt_and_finish(jid: str, run: Path, log: Path, steps: int) -> str:
+    """Send the preemption warning after two steps; check the requeue, the resume and that every step ran once."""
     t0 = time.monotonic()
     while len(_steps(run)) < 2:
         assert time.monotonic() - t0 < 300, log.read_text()[-3000:] if log.exists() else "no log"
@@ -95,9 +103,33 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path, tiny_model_dir, npr
     text = log.read_text()
     assert j["JobState"] == "COMPLETED", text[-3000:]
     assert j["Restarts"] == "1"
-    assert "requeueing job" in text and "resumed from" in text and "start 2 on" in text
+    assert "requeueing job" in text and "resumed from" in text
     assert _steps(run) == list(range(1, steps + 1)), "a step was lost or repeated across the requeue"
-    assert (run / "final" / "model.safetensors").is_file()
+    return text
+
+
+def test_multinode_job_with_vllm_servers(slurm, tmp_path, vllm_tiny_dir):
+    """slurm/multinode.slurm on the one-node cluster (both roles share the node): a vLLM server step and a trainer
+    step, weights synced every step, preempted, requeued (servers too), resumed, finished."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    steps = 6
+    args = ["recipes/smollm2-135m-arith.yaml", *tiny_overrides(vllm_tiny_dir, run, **{
+        "steps": steps, "checkpoint.every": 100, "rollout.vllm.sync_port": free_port()})]
+    jid = _sbatch("multinode.slurm", args, log, {"GRPO_NPROC": "1", "GRPO_SERVER_PORT": str(free_port()),
+                                                  "GRPO_RDZV_PORT": str(free_port())}, ["--nodes=1"])
+    text = _preempt_and_finish(jid, run, log, steps)
+    assert text.count("vLLM servers ready: http://") == 2  # started again after the requeue
+    assert text.count("initial weight sync") == 2  # the resumed trainer sent its checkpoint's weights
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 for r in recs if r["step"] > 0)
+    assert not list(ROOT.glob(f".grpo-job-{jid}-*")), "the job's state directory was left behind"
 
 
 def test_missing_recipe_fails_fast_with_a_clear_message(slurm, tmp_path):
