@@ -62,19 +62,51 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
     if rank == 0 and staging.exists():
         shutil.rmtree(staging)
     dist.barrier()
-    engine.save_checkpoint(str(staging), tag="state")
-    torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
-    dist.barrier()
+    error: BaseException | str | None = None
+    try:
+        engine.save_checkpoint(str(staging), tag="state")
+        torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on the writer
+        error = e
+    if not _any_rank(error is not None) and rank == 0:
+        try:
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            (staging / MARKER).write_text("ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        except OSError as e:
+            error = e
+    if _any_rank(error is not None):
+        # Nothing half-written stays behind (its space is given back), and older checkpoints are untouched.
+        # torch.save reports a full disk cryptically ("unexpected pos ..."): say so when the disk is full.
+        free = shutil.disk_usage(root).free
+        if free < 64 * 2**20 or (isinstance(error, OSError) and error.errno == 28):
+            error = f"{error} -- the file system is full ({free / 2**20:.0f} MiB free)"
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        previous = complete_checkpoints(root)
+        raise CheckpointError(f"could not write the checkpoint of step {step} under {root}: "
+                              f"{error if error is not None else 'failed on another rank'}. "
+                              + (f"The last complete checkpoint, {previous[0].name}, is intact: "
+                                 "free space and run the same command again to resume from it."
+                                 if previous else "No earlier checkpoint exists."))
     if rank == 0:
-        (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        (staging / MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
         for old in complete_checkpoints(root)[max(1, keep) :]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (full disk, quota, permissions); earlier ones are untouched."""
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
 
 
 def explicit_checkpoint(path: str) -> Path:

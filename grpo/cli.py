@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(embedded_model_dir())
         return 0
+    from grpo.checkpoint import CheckpointError
     from grpo.train import PREEMPTED_EXIT, Preempted
 
     if args.command == "eval":
@@ -99,5 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"grpo: {e}", file=sys.stderr)
         return PREEMPTED_EXIT
+    except CheckpointError as e:
+        print(f"grpo: error: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {run_dir}")
     return 0

@@ -119,3 +119,34 @@ def test_changed_configuration_is_refused(tmp_path, tiny_model_dir):
 def test_explicit_resume_path_must_be_complete(tmp_path, tiny_model_dir):
     p = run_cli(_args(tiny_model_dir, tmp_path / "run", **{"checkpoint.resume": str(tmp_path / "nothing")}))
     assert p.returncode == 2 and "is not a complete checkpoint" in p.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 30 MB tmpfs: room for one checkpoint of the tiny model (~19 MB), not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30M", "tmpfs", str(disk)], capture_output=True, text=True)
+    if p.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs (CI runs as root): {p.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_disk_during_save_loses_nothing(small_disk, tiny_model_dir, reference):
+    run = small_disk / "run"
+    args = _args(tiny_model_dir, run, **{"checkpoint.every": 1})
+    p = run_cli(args)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "could not write the checkpoint of step 2" in p.stderr and "the file system is full" in p.stderr
+    assert "step-000001, is intact" in p.stderr and "Traceback" not in p.stderr
+    ckpts = run / "checkpoints"
+    assert sorted(x.name for x in ckpts.iterdir()) == ["step-000001"]  # the half-written one was removed
+    # space comes back (a bigger quota, files moved away): the same command resumes from step 1, exactly
+    subprocess.run(["mount", "-o", "remount,size=400M", str(small_disk)], check=True)
+    p = run_cli(args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "step-000001 at step 1" in p.stderr
+    _same_as_reference(run, reference)
