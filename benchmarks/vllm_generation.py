@@ -74,8 +74,9 @@ def main() -> None:
     res = {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
            "hf": {"seconds": hf_t, "tokens": hf_tok, "tokens_per_s": hf_tok / hf_t},
            "vllm": {"seconds": vl_t, "tokens": vl_tok, "tokens_per_s": vl_tok / vl_t, "startup_s": start_s},
-           "speedup_tokens_per_s": (vl_tok / vl_t) / (hf_tok / hf_t), "sync_s": statistics.median(syncs),
-           "sync_check": m, "torch_threads_before_after_vllm": [threads_before, threads_after]}
+           "speedup_tokens_per_s": (vl_tok / vl_t) / (hf_tok / hf_t),
+           "sync_s": statistics.median(syncs), "sync_check": m,
+           "torch_threads_before_after_vllm": [threads_before, threads_after]}
     print(f"batch: {args.prompts} prompts x {args.n} samples, up to {args.max_new_tokens} new tokens, "
           f"{args.device}/{args.dtype}")
     print(f"HF generate  {hf_t:7.2f} s  {hf_tok:5d} tokens  {hf_tok / hf_t:8.1f} tok/s")

@@ -127,6 +127,7 @@ class GenerationServer:
         from grpo.vllm_engine import probe_logprobs_vllm
 
         with self.lock:
+            self.llm.collective_rpc(_repack)
             self.llm.reset_prefix_cache()
             self.version += 1
             held = self.llm.collective_rpc(_engine_checksum)[0]
@@ -147,6 +148,12 @@ def _load_weights(worker, weights):
 
 def _engine_checksum(worker) -> tuple[float, float]:
     return checksum(worker.model_runner.model.parameters())
+
+
+def _repack(worker) -> int:
+    from grpo.vllm_engine import repack_cpu_kernels
+
+    return repack_cpu_kernels(worker.model_runner.model)
 
 
 def make_handler(server: GenerationServer):
