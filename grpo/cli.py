@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
     v.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
     v.add_argument("--ready-file", default=None, help="append this server's URL to the file once it is ready")
+    pl = sub.add_parser("plan", help="predict peak memory per GPU for a recipe, and whether it fits")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs (training ranks) the run uses")
+    pl.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (e.g. 24, 80)")
+    pl.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    pl.add_argument("--json", action="store_true")
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into a cached HF folder")
     p.add_argument("--print-path", action="store_true")
     args = parser.parse_args(argv)
@@ -70,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"grpo serve: error: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "plan":
+        from grpo.plan import main as plan_main
+
+        try:
+            return plan_main(args.recipe, args.overrides, args.gpus, args.gpu_memory, args.device, args.json)
+        except ConfigError as e:
+            print(f"grpo plan: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "prepare-model":
         from grpo.model import embedded_model_dir
 

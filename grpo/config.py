@@ -48,9 +48,11 @@ class DataConfig:
     task: str = "basic_arithmetic"  # reasoning-gym task name
     task_args: dict[str, Any] = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
     path: str | None = None  # hf: hub name or local file
+    subset: str | None = None  # hf: the data set's configuration name (e.g. "main" for openai/gsm8k)
     split: str = "train"
     prompt_column: str = "question"
     answer_column: str = "answer"
+    answer_pattern: str | None = None  # hf: regex whose group 1 is the gold answer (GSM8K: "####\\s*(.+)$")
     system_prompt: str | None = None
     prompt_template: str = "{question}"  # formatted with the row's columns
     num_train: int = 2000  # prompts in the training split (reasoning_gym; hf: at most)
@@ -65,6 +67,15 @@ class DataConfig:
         _positive("data.num_train", self.num_train)
         _nonneg("data.num_eval", self.num_eval)
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        if self.answer_pattern is not None:
+            import re
+
+            try:
+                if re.compile(self.answer_pattern).groups < 1:
+                    raise ConfigError(f"data.answer_pattern: {self.answer_pattern!r} needs a capture group, "
+                                      "e.g. '####\\s*(.+)$'")
+            except re.error as e:
+                raise ConfigError(f"data.answer_pattern: not a valid regex: {e}") from None
         if "{" not in self.prompt_template:
             raise ConfigError("data.prompt_template: must reference a column, e.g. '{question}'")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def _hf_rows(cfg: DataConfig):
         elif path.startswith((".", "/", "~")):
             raise ConfigError(f"data.path: {path} does not exist")
         else:
-            ds = datasets.load_dataset(path, split=cfg.split)
+            ds = datasets.load_dataset(path, cfg.subset, split=cfg.split)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; name the file
@@ -88,6 +89,8 @@ def _hf_rows(cfg: DataConfig):
         if col not in ds.column_names:
             raise ConfigError(f"data: column {col!r} not in {path} (columns: {ds.column_names})")
     rows = []
+    pattern = re.compile(cfg.answer_pattern, re.S) if cfg.answer_pattern else None
+    unmatched = 0
     for i, x in enumerate(ds):
         row = {k: (v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, default=str))
                for k, v in x.items()}
@@ -96,7 +99,18 @@ def _hf_rows(cfg: DataConfig):
             row.setdefault("question", row[cfg.prompt_column])
         if cfg.answer_column != "answer":
             row["answer"] = row[cfg.answer_column]
+        if pattern is not None:
+            m = pattern.search(str(row["answer"]))
+            if m is None:
+                unmatched += 1
+                continue
+            row["answer"] = m.group(1).strip()
         rows.append(row)
+    if unmatched:
+        log.warning("data: %d of %d rows of %s have no answer matching data.answer_pattern: dropped", unmatched,
+                    len(ds), path)
+    if not rows:
+        raise ConfigError(f"data.answer_pattern: {cfg.answer_pattern!r} matches no answer in {path}")
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     rows = [rows[i] for i in order]
     if cfg.num_eval >= len(rows):

@@ -89,3 +89,25 @@ def test_sampler_resumes_exactly():
     assert sorted(first + rest[:2]) == list(range(7))  # an epoch is a permutation
     with pytest.raises(ConfigError, match="data changed"):
         PromptSampler(8, seed=3).load_state(state)
+
+
+def test_gsm8k_style_answers_are_extracted(tmp_path, caplog):
+    p = tmp_path / "gsm.jsonl"
+    rows = [{"question": f"q{i}", "answer": f"She has {i} apples, so\n{i} * 2 = {2 * i}\n#### {2 * i}"}
+            for i in range(10)]
+    rows.append({"question": "broken", "answer": "no final marker"})
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source="hf", path=str(p), num_eval=2, answer_pattern=r"####\s*(.+)$")
+    with caplog.at_level("WARNING"):
+        train, held = load_rows(cfg)
+    got = {r["question"]: r["answer"] for r in train + held}
+    assert got == {f"q{i}": str(2 * i) for i in range(10)}  # "broken" dropped, the rest exactly the final number
+    assert "1 of 11 rows" in caplog.text
+    with pytest.raises(ConfigError, match="matches no answer"):
+        load_rows(DataConfig(source="hf", path=str(p), num_eval=2, answer_pattern=r"@@@(\d+)"))
+
+
+@pytest.mark.parametrize("pattern,message", [("####", "needs a capture group"), ("(unclosed", "not a valid regex")])
+def test_bad_answer_pattern_named(pattern, message):
+    with pytest.raises(ConfigError, match=f"data.answer_pattern: .*{message}"):
+        DataConfig(source="hf", path="x.jsonl", answer_pattern=pattern).validate()

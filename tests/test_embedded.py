@@ -6,18 +6,28 @@ import pandas as pd
 import pytest
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import execute_notebook
+from tests.conftest import ROOT, execute_notebook
 from tests.test_train import metrics, run_cli
 
 
 @pytest.mark.slow
 def test_embedded_default_short_run(tmp_path):
     run = tmp_path / "run"
-    p = run_cli([f"output_dir={run}", "steps=2", "data.num_eval=16", "rollout.prompts_per_step=2",
+    overrides = [f"output_dir={run}", "steps=2", "data.num_eval=16", "rollout.prompts_per_step=2",
                  "rollout.num_generations=4", "rollout.max_new_tokens=12", "optim.micro_batch_size=8",
-                 "eval.every=1", "checkpoint.every=1"], timeout=900)
+                 "eval.every=1", "checkpoint.every=1"]
+    p = run_cli(overrides, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     m = metrics(run)
+    # `grpo plan` predicted this run's peak memory (RSS on CPU) before it started: within 30%
+    from grpo.config import load_config
+    from grpo.plan import longest_prompt, plan
+
+    cfg = load_config(ROOT / "recipes" / "smollm2-135m-arith.yaml", overrides)
+    predicted = plan(cfg, 1, None, longest_prompt(cfg), "cpu").peak_gib
+    measured = max(r.get("memory/peak_gib", 0.0) for r in m)
+    print(f"grpo plan: predicted {predicted:.2f} GiB, measured {measured:.2f} GiB")
+    assert abs(predicted - measured) / measured < 0.3, (predicted, measured)
     assert [r["step"] for r in m] == [0, 1, 2]
     assert all(r["eval/num_problems"] == 16 for r in m)
     assert 0.0 <= m[0]["eval/accuracy"] <= 1.0

@@ -1,0 +1,236 @@
+"""`grpo plan RECIPE --gpus N --gpu-memory GiB`: peak memory per device, predicted before a run.
+
+The prediction is a sum of named terms, each a plain formula of the model's shape and the recipe, so a user can
+see which knob moves which term:
+
+- weights, gradients, optimizer states (AdamW: fp32 master + two moments under bf16/fp16, two moments under fp32),
+  each divided over the ranks as the ZeRO stage shards it, optimizer states moved to host memory by
+  `deepspeed.offload_optimizer`;
+- training activations of one micro-batch (per layer per token ~ bytes*(8H + 4I) for a LLaMA/Qwen block with fused
+  SDPA attention; with gradient checkpointing only each layer's input plus one layer recomputed), the chunked
+  vocabulary projection (`optim.logprob_chunk_size` x vocab x fp32, three live copies), and under ZeRO-3 two
+  layers' gathered parameters;
+- generation: colocated vLLM holds `rollout.vllm.gpu_memory_utilization` of the device while it samples and
+  sleeps (releases it) during the update; the HF engine needs the KV cache of `rollout.generation_batch_size`
+  sequences and a few fp32 [batch, vocab] score tensors;
+- a fixed reserve (CUDA context and allocator slack on GPU, the interpreter and libraries on CPU).
+
+The peak is the larger of the generation phase and the update phase. Checked against measured peaks in
+tests/test_plan.py (CPU) and reported in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from grpo.config import EMBEDDED_MODEL, Config, ConfigError
+
+GIB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Shapes of models the shipped recipes name by hub id (so planning needs no download); other models are read from
+# their config.json (a local folder, or the HF cache).
+KNOWN_SHAPES: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                       tie_word_embeddings=True, attention_bias=True),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                       tie_word_embeddings=True, attention_bias=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                     tie_word_embeddings=False, attention_bias=True),
+}
+CPU_RESERVE_GIB = 0.3  # RSS of python with torch, transformers, deepspeed and grpo imported (measured here)
+GPU_RESERVE_GIB = 1.0  # CUDA context, NCCL buffers, allocator fragmentation
+
+
+@dataclass
+class Shape:
+    vocab: int
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    qkv_bias: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        h, q = self.hidden, self.heads * self.head_dim
+        attn = h * q + 2 * h * self.kv_dim + q * h + ((q + 2 * self.kv_dim) if self.qkv_bias else 0)
+        return attn + 3 * h * self.inter + 2 * h
+
+    def params(self) -> int:
+        emb = self.vocab * self.hidden
+        return emb * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+
+def model_shape(path: str) -> Shape:
+    if path in KNOWN_SHAPES:
+        c = dict(KNOWN_SHAPES[path])
+    else:
+        from grpo.model import resolve_model_path
+
+        local = resolve_model_path(path) if path == EMBEDDED_MODEL or Path(path).expanduser().exists() else path
+        try:
+            from transformers import AutoConfig
+
+            c = AutoConfig.from_pretrained(local).to_dict()
+        except Exception as e:  # offline and not cached, or not a model
+            raise ConfigError(f"model.path: cannot read the shape of {path} ({e}); pass a local model folder") from None
+    heads = c["num_attention_heads"]
+    return Shape(vocab=c["vocab_size"], hidden=c["hidden_size"], inter=c["intermediate_size"],
+                 layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
+                 head_dim=c.get("head_dim") or c["hidden_size"] // heads, tied=bool(c.get("tie_word_embeddings")),
+                 qkv_bias=bool(c.get("attention_bias", False)))
+
+
+@dataclass
+class Plan:
+    device: str
+    gpus: int
+    memory_gib: float
+    params: int
+    terms_gib: dict[str, float]  # every term, per device
+    generation_gib: float  # peak while sampling
+    update_gib: float  # peak while training
+    peak_gib: float
+    fits: bool
+    advice: list[str]
+
+    def table(self) -> str:
+        lines = [f"model: {self.params / 1e6:.1f}M parameters; {self.gpus} x {self.device}"
+                 + (f" with {self.memory_gib:g} GiB" if self.memory_gib else "")]
+        for k, v in self.terms_gib.items():
+            lines.append(f"  {k:34s} {v:8.2f} GiB")
+        lines.append(f"  {'generation phase':34s} {self.generation_gib:8.2f} GiB")
+        lines.append(f"  {'update phase':34s} {self.update_gib:8.2f} GiB")
+        lines.append(f"  {'predicted peak per device':34s} {self.peak_gib:8.2f} GiB")
+        if self.memory_gib:
+            lines.append("fits" if self.fits else "does NOT fit")
+        lines += [f"  - {a}" for a in self.advice]
+        return "\n".join(lines)
+
+
+def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | None = None,
+         device: str = "cuda") -> Plan:
+    s = model_shape(cfg.model.path)
+    b = BYTES[cfg.model.dtype]
+    P = s.params()
+    z = cfg.deepspeed.zero_stage
+    n = max(gpus, 1)
+    mixed = cfg.model.dtype != "float32"
+    t: dict[str, float] = {}
+    t["weights"] = P * b / (n if z == 3 else 1)
+    t["gradients"] = P * b / (n if z >= 2 else 1)
+    opt = P * (12 if mixed else 8)  # fp32 master copy + m + v, or m + v beside fp32 weights
+    t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if z >= 1 else 1)
+    if cfg.algo.beta > 0:
+        t["reference model"] = P * b / (n if z == 3 else 1)
+    prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
+    seq = prompt + cfg.rollout.max_new_tokens
+    tokens = cfg.optim.micro_batch_size * seq
+    per_layer_token = b * (8 * s.hidden + 4 * s.inter)
+    if cfg.model.gradient_checkpointing:
+        act = tokens * (s.layers * s.hidden * b + per_layer_token)
+    else:
+        act = tokens * s.layers * per_layer_token
+    t["activations (one micro-batch)"] = act
+    t["logprob chunks"] = 3 * min(cfg.optim.logprob_chunk_size, tokens) * s.vocab * 4
+    if z == 3:
+        t["zero-3 gathered layers"] = 2 * s.layer_params() * b
+    kv_token = 2 * s.layers * s.kv_dim * b
+    if cfg.rollout.engine == "vllm" and device == "cuda":
+        t["colocated vLLM (while sampling)"] = cfg.rollout.vllm.gpu_memory_utilization * (memory_gib or 0) * GIB
+        gen_extra = t["colocated vLLM (while sampling)"]
+    elif cfg.rollout.engine == "hf":
+        batch = cfg.rollout.generation_batch_size
+        t["HF generation (KV cache + scores)"] = batch * seq * kv_token + 4 * batch * s.vocab * 4
+        gen_extra = t["HF generation (KV cache + scores)"]
+    else:  # server mode, or vLLM on CPU (its own KV cache size)
+        gen_extra = (cfg.rollout.vllm.kv_cache_gib * GIB + P * b) if cfg.rollout.engine == "vllm" else 0.0
+        if gen_extra:
+            t["colocated vLLM (weights + KV cache)"] = gen_extra
+    reserve = (GPU_RESERVE_GIB if device == "cuda" else CPU_RESERVE_GIB) * GIB
+    t["reserve"] = reserve
+    static = t["weights"] + t["gradients"] + t["optimizer states"] + t.get("reference model", 0.0) + reserve
+    # CPU: colocated vLLM never sleeps, so its memory is held through the update too
+    held_in_update = gen_extra if (device == "cpu" and cfg.rollout.engine == "vllm") else 0.0
+    update = static + act + t["logprob chunks"] + t.get("zero-3 gathered layers", 0.0) + held_in_update
+    generation = static + gen_extra
+    peak = max(update, generation)
+    fits = memory_gib is None or peak <= memory_gib * GIB
+    advice = [] if fits else _advice(cfg, t, memory_gib * GIB, n, device)
+    if cfg.rollout.engine == "vllm" and device == "cuda" and memory_gib:
+        kv_room = t["colocated vLLM (while sampling)"] - P * b
+        want = cfg.rollout.prompts_per_step * cfg.rollout.num_generations / n * seq * kv_token
+        if kv_room < want:
+            advice.append(f"vLLM's KV cache ({max(kv_room, 0) / GIB:.1f} GiB) holds less than a step's sequences "
+                          f"({want / GIB:.1f} GiB): it will generate in several waves (slower, not an error)")
+    return Plan(device, n, memory_gib or 0.0, P, {k: v / GIB for k, v in t.items()}, generation / GIB,
+                update / GIB, peak / GIB, fits, advice)
+
+
+def _advice(cfg: Config, t: dict[str, float], budget: float, n: int, device: str) -> list[str]:
+    out = []
+    act = t["activations (one micro-batch)"]
+    if not cfg.model.gradient_checkpointing and act > 0.1 * budget:
+        out.append("model.gradient_checkpointing=true (activations shrink to each layer's input)")
+    if cfg.optim.micro_batch_size > 1 and act > 0.1 * budget:
+        out.append(f"optim.micro_batch_size={max(cfg.optim.micro_batch_size // 2, 1)} (activations scale with it)")
+    z = cfg.deepspeed.zero_stage
+    if n > 1 and z < 3:
+        out.append(f"deepspeed.zero_stage={z + 1 if z < 2 else 3} (shards "
+                   + ("optimizer states" if z == 0 else "gradients" if z == 1 else "weights") + f" over {n} GPUs)")
+    if z > 0 and not cfg.deepspeed.offload_optimizer and device == "cuda":
+        out.append("deepspeed.offload_optimizer=true (optimizer states to host memory; slower steps)")
+    if cfg.model.dtype == "float32" and device == "cuda":
+        out.append("model.dtype=bfloat16 (halves weights, gradients and activations)")
+    if cfg.rollout.engine == "vllm" and device == "cuda":
+        out.append("a lower rollout.vllm.gpu_memory_utilization, or rollout.engine=vllm_server on other GPUs")
+    if n == 1 or z == 3:
+        out.append("more GPUs (ZeRO-3 divides weights, gradients and optimizer states by their number)")
+    return out
+
+
+def longest_prompt(cfg: Config) -> int | None:
+    """The longest training prompt in tokens, when the model's tokenizer and the data are on this machine (None
+    otherwise: planning never downloads)."""
+    local_model = cfg.model.path == EMBEDDED_MODEL or Path(cfg.model.path).expanduser().exists()
+    local_data = cfg.data.source == "reasoning_gym" or Path(cfg.data.path or "").expanduser().is_file()
+    if not (local_model and local_data):
+        return None
+    try:
+        from grpo.data import load_rows, render
+        from grpo.model import load_tokenizer, resolve_model_path
+
+        tok = load_tokenizer(resolve_model_path(cfg.model.path))
+        rows, _ = load_rows(cfg.data)
+        return max(len(r["prompt_ids"]) for r in render(rows, cfg.data, tok).rows)
+    except Exception:
+        return None
+
+
+def main(recipe: str, overrides: list[str], gpus: int, memory_gib: float | None, device: str,
+         as_json: bool) -> int:
+    from grpo.config import load_config
+
+    cfg = load_config(recipe, overrides)
+    prompt = longest_prompt(cfg)
+    p = plan(cfg, gpus, memory_gib, prompt, device)
+    if as_json:
+        print(json.dumps(asdict(p), indent=1))
+    else:
+        src = f"longest prompt {prompt} tokens" if prompt is not None else (
+            f"model or data not on this machine: prompts assumed data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+        print(f"{recipe} ({src})")
+        print(p.table())
+    return 0 if p.fits else 1

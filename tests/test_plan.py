@@ -1,0 +1,108 @@
+"""`grpo plan`: parameter counts against published figures, the ZeRO sharding of each term by hand, the advice, and
+the CLI. (The prediction against a measured peak: tests/test_embedded.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from grpo.config import load_config
+from grpo.plan import GIB, model_shape, plan
+from tests.conftest import ROOT
+
+RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+
+
+@pytest.mark.parametrize("name,count", [
+    ("Qwen/Qwen2.5-1.5B-Instruct", 1_543_714_304),  # the model card's 1.54B, exactly
+    ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512),  # 7.61B
+])
+def test_parameter_counts_match_published_figures(name, count):
+    assert model_shape(name).params() == count
+
+
+def test_parameter_count_matches_the_real_embedded_model(embedded_dir):
+    from grpo.model import load_model
+
+    real = sum(p.numel() for p in load_model(str(embedded_dir), "float32").parameters())
+    assert model_shape(str(embedded_dir)).params() == real
+
+
+def _cfg(*over):
+    return load_config(RECIPE, ["model.path=Qwen/Qwen2.5-1.5B-Instruct", "model.dtype=bfloat16", *over])
+
+
+def test_zero_stages_shard_the_right_terms():
+    P = 1_543_714_304
+    p0 = plan(_cfg("deepspeed.zero_stage=0"), 8, 80).terms_gib
+    assert p0["weights"] == pytest.approx(2 * P / GIB)
+    assert p0["gradients"] == pytest.approx(2 * P / GIB)
+    assert p0["optimizer states"] == pytest.approx(12 * P / GIB)  # fp32 master + m + v under bf16
+    p1 = plan(_cfg("deepspeed.zero_stage=1"), 8, 80).terms_gib
+    assert p1["optimizer states"] == pytest.approx(12 * P / 8 / GIB) and p1["gradients"] == p0["gradients"]
+    p2 = plan(_cfg("deepspeed.zero_stage=2"), 8, 80).terms_gib
+    assert p2["gradients"] == pytest.approx(2 * P / 8 / GIB) and p2["weights"] == p0["weights"]
+    p3 = plan(_cfg("deepspeed.zero_stage=3"), 8, 80).terms_gib
+    assert p3["weights"] == pytest.approx(2 * P / 8 / GIB) and "zero-3 gathered layers" in p3
+    off = plan(_cfg("deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"), 8, 80).terms_gib
+    assert off["optimizer states"] == 0.0
+    fp32 = plan(load_config(RECIPE, ["model.path=Qwen/Qwen2.5-1.5B-Instruct"]), 1, 80).terms_gib
+    assert fp32["optimizer states"] == pytest.approx(8 * P / GIB)  # m + v beside fp32 weights
+
+
+def test_activations_by_hand_and_checkpointing_shrinks_them():
+    cfg = _cfg("optim.micro_batch_size=4", "rollout.max_new_tokens=100", "data.max_prompt_tokens=156")
+    s = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    tokens = 4 * 256
+    act = plan(cfg, 1, 80, prompt_tokens=156).terms_gib["activations (one micro-batch)"]
+    assert act == pytest.approx(tokens * s.layers * 2 * (8 * 1536 + 4 * 8960) / GIB)
+    ck = plan(_cfg("optim.micro_batch_size=4", "rollout.max_new_tokens=100", "model.gradient_checkpointing=true"),
+              1, 80, prompt_tokens=156).terms_gib["activations (one micro-batch)"]
+    assert ck == pytest.approx(tokens * (28 * 1536 * 2 + 2 * (8 * 1536 + 4 * 8960)) / GIB)
+    assert ck < act / 10
+
+
+def test_colocated_vllm_holds_its_share_while_sampling():
+    p = plan(_cfg("rollout.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.3"), 1, 80)
+    assert p.terms_gib["colocated vLLM (while sampling)"] == pytest.approx(24.0)
+    static = p.terms_gib["weights"] + p.terms_gib["gradients"] + p.terms_gib["optimizer states"] + 1.0
+    assert p.generation_gib == pytest.approx(static + 24.0)
+
+
+def test_does_not_fit_gives_advice_that_helps():
+    cfg = _cfg("optim.micro_batch_size=16", "rollout.max_new_tokens=1024")
+    small = plan(cfg, 1, 24)
+    assert not small.fits and small.peak_gib > 24
+    assert any("gradient_checkpointing=true" in a for a in small.advice)
+    fixed = plan(_cfg("optim.micro_batch_size=4", "rollout.max_new_tokens=1024", "model.gradient_checkpointing=true"),
+                 1, 80)
+    assert fixed.fits
+
+
+def test_cli(tmp_path):
+    args = [sys.executable, "-m", "grpo", "plan", str(RECIPE), "model.path=Qwen/Qwen2.5-1.5B-Instruct",
+            "model.dtype=bfloat16"]
+    ok = subprocess.run([*args, "--gpu-memory", "80", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["fits"] is True
+    bad = subprocess.run([*args, "optim.micro_batch_size=64", "--gpu-memory", "8"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 1 and "does NOT fit" in bad.stdout and "gradient_checkpointing" in bad.stdout
+    missing = subprocess.run([sys.executable, "-m", "grpo", "plan", str(RECIPE), "model.path=/nonexistent/model"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "model.path" in missing.stderr
+
+
+@pytest.mark.parametrize("recipe,gpus,memory", [
+    ("qwen2.5-0.5b-gsm8k-24gb.yaml", 1, 24), ("qwen2.5-1.5b-gsm8k-80gb.yaml", 1, 80),
+    ("qwen2.5-1.5b-math-80gb.yaml", 1, 80), ("qwen2.5-7b-math-multinode.yaml", 16, 80),
+])
+def test_shipped_gpu_recipes_load_and_fit_as_their_comments_say(recipe, gpus, memory):
+    path = ROOT / "recipes" / recipe
+    cfg = load_config(path, ["rollout.vllm.servers=[http://any:8000]"] if "multinode" in recipe else [])
+    p = plan(cfg, gpus, memory)
+    assert p.fits
+    assert f"{p.peak_gib:.1f} GiB" in path.read_text().replace("\n# ", " ")  # the figure quoted in the recipe
