@@ -134,9 +134,6 @@ class RolloutConfig:
     def validate(self) -> None:
         _choice("rollout.engine", self.engine, ("hf", "vllm", "vllm_server"))
         self.vllm.validate()
-        if self.engine == "vllm_server" and not self.vllm.servers:
-            raise ConfigError("rollout.vllm.servers: required with rollout.engine=vllm_server (URLs printed by "
-                              "`grpo serve`)")
         _positive("rollout.prompts_per_step", self.prompts_per_step)
         if self.num_generations < 2:
             raise ConfigError("rollout.num_generations: must be >= 2 (a group needs two samples to compare)")

@@ -146,6 +146,9 @@ def build_rollout(cfg: Config, model: torch.nn.Module, tok, model_path: str, dev
                           getattr(model.config, "max_position_embeddings", None))
     from grpo.serve import ServerEngine, ServerError
 
+    if not cfg.rollout.vllm.servers:  # checked here, not in the recipe: launchers (multinode.slurm) fill it in
+        raise ConfigError("rollout.vllm.servers: required with rollout.engine=vllm_server (the URLs `grpo serve` "
+                          "prints, e.g. rollout.vllm.servers=[http://node7:8000])")
     try:
         return ServerEngine(cfg, tok, rank, world, stop_ids(tok, model), probe)
     except ServerError as e:

@@ -251,3 +251,8 @@ def test_checksums_compare_what_they_should():
     assert checksums_match(checksum(a), checksum(fused))
     assert not checksums_match(checksum(a), checksum([torch.tensor([1.0, -2.0, 3.001])]))
     assert not math.isnan(checksum([])[0])
+
+
+def test_server_mode_without_servers_is_named(tmp_path, vllm_tiny_dir):
+    p = run_cli(tiny_overrides(vllm_tiny_dir, tmp_path / "run", **{"rollout.engine": "vllm_server"}))
+    assert p.returncode == 2 and "rollout.vllm.servers: required with rollout.engine=vllm_server" in p.stderr
