@@ -306,23 +306,26 @@ class ServerEngine:
         then checks each server's checksum and canary. The verdict is shared so all ranks stop together."""
         sent = [0.0, 0.0]
         bucket_bytes = self.cfg.rollout.vllm.sync_bucket_mb * 2**20
+        failure: Exception | None = None
         for bucket in weight_buckets(model, bucket_bytes, self.zero3):
-            if self.rank != 0:
-                continue
+            if self.rank != 0 or failure is not None:
+                continue  # keep walking: the other ranks' ZeRO-3 gathers wait for this one
             s, q = checksum(t for _, t in bucket)
             sent[0] += s
             sent[1] += q
             if self.corrupt_hook is not None:
                 bucket = self.corrupt_hook(bucket)
-            self._send(bucket)
-        verdict: list[Any] = [None]
-        if self.rank == 0:
             try:
-                verdict[0] = self._check(model, (sent[0], sent[1]))
+                self._send(bucket)
+            except (ServerError, RuntimeError) as e:  # a server died mid-sync: report it once every rank is here
+                failure = e
+        trainer_lp = trainer_probe_logprobs(model, self.probe)  # every rank: under ZeRO-3 it is collective
+        verdict: list[Any] = [failure]
+        if self.rank == 0 and failure is None:
+            try:
+                verdict[0] = self._check(trainer_lp, (sent[0], sent[1]))
             except (SyncError, ServerError) as e:
                 verdict[0] = e
-        else:
-            trainer_probe_logprobs(model, self.probe)  # ZeRO-3: the probe forward is collective too
         if self.world > 1:
             dist.broadcast_object_list(verdict, src=0)
         if isinstance(verdict[0], BaseException):
@@ -346,8 +349,7 @@ class ServerEngine:
 
         _parallel([*calls, broadcast])
 
-    def _check(self, model: torch.nn.Module, sent: tuple[float, float]) -> dict[str, float]:
-        trainer_lp = trainer_probe_logprobs(model, self.probe)
+    def _check(self, trainer_lp: list[float], sent: tuple[float, float]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         worst = None
         for url in self.urls:

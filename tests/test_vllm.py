@@ -256,3 +256,25 @@ def test_checksums_compare_what_they_should():
 def test_server_mode_without_servers_is_named(tmp_path, vllm_tiny_dir):
     p = run_cli(tiny_overrides(vllm_tiny_dir, tmp_path / "run", **{"rollout.engine": "vllm_server"}))
     assert p.returncode == 2 and "rollout.vllm.servers: required with rollout.engine=vllm_server" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_server_mode_two_training_ranks(tmp_path, vllm_tiny_dir, zero):
+    """Two trainer processes (torchrun, gloo) share one server; rank 0 sends the weights (under ZeRO-3 gathered
+    bucket by bucket with rank 1 walking along), and every rank learns the sync's verdict."""
+    server, url = _start_server(vllm_tiny_dir, tmp_path)
+    try:
+        run = tmp_path / "run"
+        p = run_cli(tiny_overrides(vllm_tiny_dir, run, **{"rollout.engine": "vllm_server",
+                                                           "rollout.vllm.servers": f"[{url}]",
+                                                           "rollout.vllm.sync_port": _free_port(),
+                                                           "deepspeed.zero_stage": zero}),
+                    launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+        assert p.returncode == 0, p.stderr[-3000:]
+        m = metrics(run)
+        assert [r["step"] for r in m] == [1, 2]
+        assert all(r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 for r in m)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
