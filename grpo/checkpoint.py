@@ -68,7 +68,7 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
         torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
     except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on the writer
         error = e
-    if not _any_rank(error is not None) and rank == 0:
+    if not any_rank(error is not None) and rank == 0:
         try:
             (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             (staging / MARKER).write_text("ok\n")
@@ -77,7 +77,7 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
             staging.rename(final)
         except OSError as e:
             error = e
-    if _any_rank(error is not None):
+    if any_rank(error is not None):
         # Nothing half-written stays behind (its space is given back), and older checkpoints are untouched.
         # torch.save reports a full disk cryptically ("unexpected pos ..."): say so when the disk is full.
         free = shutil.disk_usage(root).free
@@ -103,7 +103,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (full disk, quota, permissions); earlier ones are untouched."""
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
+    """Collective: True on every rank when the flag is set on any."""
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item() > 0

@@ -15,8 +15,8 @@ see which knob moves which term:
   sequences and a few fp32 [batch, vocab] score tensors;
 - a fixed reserve (CUDA context and allocator slack on GPU, the interpreter and libraries on CPU).
 
-The peak is the larger of the generation phase and the update phase. Checked against measured peaks in
-tests/test_plan.py (CPU) and reported in README.md.
+The peak is the larger of the generation phase and the update phase. Checked against the measured peak of the
+embedded model on CPU in tests/test_embedded.py; the figures are in README.md.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -37,7 +38,9 @@ from grpo.vllm_engine import (
     canary_diff,
     checksum,
     completions,
+    finish_sync,
     judge,
+    load_weights,
     trainer_probe_logprobs,
     weight_buckets,
 )
@@ -112,48 +115,22 @@ class GenerationServer:
         with self.lock:
             tensors = []
             for dtype, entries in req["groups"]:
-                total = sum(_numel(shape) for _, shape in entries)
+                total = sum(math.prod(shape) for _, shape in entries)
                 flat = torch.empty(total, dtype=DTYPES[dtype], device=dev)
                 self.group.broadcast(flat, 0).wait()
                 off = 0
                 for name, shape in entries:
-                    n = _numel(shape)
+                    n = math.prod(shape)
                     tensors.append((name, flat[off : off + n].view(shape)))
                     off += n
-            self.llm.collective_rpc(_load_weights, args=(tensors,))
+            load_weights(self.llm, tensors)
         return {"ok": True}
 
     def sync_finish(self, req: dict[str, Any]) -> dict[str, Any]:
-        from grpo.vllm_engine import probe_logprobs_vllm
-
         with self.lock:
-            self.llm.collective_rpc(_repack)
-            self.llm.reset_prefix_cache()
+            held, probe = finish_sync(self.llm, req["probe"])
             self.version += 1
-            held = self.llm.collective_rpc(_engine_checksum)[0]
-            probe = probe_logprobs_vllm(self.llm, req["probe"])
         return {"checksum": list(held), "probe": probe, "version": self.version}
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _load_weights(worker, weights):
-    worker.model_runner.model.load_weights(weights=iter(weights))
-
-
-def _engine_checksum(worker) -> tuple[float, float]:
-    return checksum(worker.model_runner.model.parameters())
-
-
-def _repack(worker) -> int:
-    from grpo.vllm_engine import repack_cpu_kernels
-
-    return repack_cpu_kernels(worker.model_runner.model)
 
 
 def make_handler(server: GenerationServer):
@@ -338,11 +315,9 @@ class ServerEngine:
         calls = [lambda u=u: post(u, "/sync/bucket", {"groups": groups}, self.timeout) for u in self.urls]
 
         def broadcast():
-            by_dtype: dict[str, list[torch.Tensor]] = {}
-            for _, t in bucket:
-                by_dtype.setdefault(str(t.dtype).removeprefix("torch."), []).append(t.reshape(-1))
-            for dtype, _ in groups:
-                flat = torch.cat(by_dtype[dtype]).to(dev)
+            tensors = dict(bucket)
+            for _, entries in groups:  # the order the servers receive in
+                flat = torch.cat([tensors[name].reshape(-1) for name, _ in entries]).to(dev)
                 work = self.group.broadcast(flat, 0)
                 if not work.wait(timedelta(seconds=self.timeout)):
                     raise ServerError(f"weight broadcast to {self.urls} did not finish in {self.timeout:g} s")

@@ -490,9 +490,7 @@ class StopFlag:
         self.signum = signum
 
     def agreed(self) -> bool:
-        t = torch.tensor([0.0 if self.signum is None else 1.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() > 0
+        return ckpt.any_rank(self.signum is not None)
 
 
 def log_step(cfg: Config, st: dict[str, Any], step: int, groups: list[Group], rounds: int, upd: dict[str, float],
@@ -563,7 +561,7 @@ def train(cfg: Config) -> Path:
             release(st["rollout"])  # a colocated vLLM engine frees its GPU memory for the update
             upd = update(cfg, st, groups, timer)  # logprobs + loss + backward + step
             with timer("sync"):
-                upd.update(st["rollout"].sync(engine.module) or {})  # new weights to the engine, checked
+                upd.update(st["rollout"].sync(engine.module))  # new weights to the engine, checked
             rec = log_step(cfg, st, step, groups, rounds, upd, timer, t0, run_dir)
             if (cfg.eval.every and step % cfg.eval.every == 0) or (step == cfg.steps and cfg.eval.at_end):
                 rec.update(evaluate(cfg, st, step, run_dir))

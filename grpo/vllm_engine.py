@@ -319,21 +319,32 @@ class VLLMEngine:
             sent[1] += q
             if self.corrupt_hook is not None:
                 bucket = self.corrupt_hook(bucket)
-            self.llm.collective_rpc(_load_weights, args=(bucket,))
-        self.llm.collective_rpc(_repack)
+            load_weights(self.llm, bucket)
         self._wake(["kv_cache"] if self.asleep else None)
         self.asleep = False
-        self.llm.reset_prefix_cache()
-        held = tuple(self.llm.collective_rpc(_engine_checksum)[0])
-        mean_abs, max_abs = canary_diff(probe_logprobs_vllm(self.llm, self.probe),
-                                        trainer_probe_logprobs(model, self.probe))
+        held, engine_lp = finish_sync(self.llm, self.probe)
+        mean_abs, max_abs = canary_diff(engine_lp, trainer_probe_logprobs(model, self.probe))
         check = SyncCheck((sent[0], sent[1]), held, mean_abs, max_abs)
         judge(check, self.cfg, "the colocated vLLM engine")
         return check.metrics()
 
 
+def load_weights(llm, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF-named tensors into vLLM's (possibly fused) parameters. Used by the colocated engine and servers."""
+    llm.collective_rpc(_load_weights, args=(weights,))
+
+
+def finish_sync(llm, probe: list[int]) -> tuple[tuple[float, float], list[float]]:
+    """After the last bucket: repack CPU kernels, drop the prefix cache (its KV came from the old weights), and
+    measure what the engine now holds: its weights' checksum and its logprobs of the probe."""
+    llm.collective_rpc(_repack)
+    llm.reset_prefix_cache()
+    held = tuple(llm.collective_rpc(_engine_checksum)[0])
+    return held, probe_logprobs_vllm(llm, probe)
+
+
 def _load_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """Runs inside vLLM's worker: copy HF-named tensors into its (possibly fused) parameters."""
+    """Runs inside vLLM's worker."""
     worker.model_runner.model.load_weights(weights=iter(weights))
 
 

@@ -3,6 +3,7 @@ checksum and canary, a corrupted sync caught, the whole loop colocated and in se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -152,33 +153,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+@contextlib.contextmanager
+def _server(model_dir: Path, tmp_path: Path):
+    """A `grpo serve` process on localhost for the duration of the block; yields its URL."""
     ready = tmp_path / "ready.txt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "grpo", "serve", str(RECIPE), f"model.path={model_dir}",
                              "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (ready.exists() and ready.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("grpo serve did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-        time.sleep(0.5)
-    return proc, ready.read_text().split()[0]
+    try:
+        deadline = time.monotonic() + 300
+        while not (ready.exists() and ready.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("grpo serve did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield ready.read_text().split()[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
+def _server_run(model_dir: Path, run: Path, url: str, launcher: list[str] | None = None, **extra):
+    """The trainer in server mode against `url`: two steps of the tiny recipe."""
+    server = {"rollout.engine": "vllm_server", "rollout.vllm.servers": f"[{url}]",
+              "rollout.vllm.sync_port": _free_port()}
+    return run_cli(tiny_overrides(model_dir, run, **server, **extra), launcher=launcher)
 
 
 def test_server_mode_end_to_end(tmp_path, vllm_tiny_dir):
     """A server process and a trainer process on localhost: two steps, weights synced and checked each time."""
     from grpo.serve import post
 
-    server, url = _start_server(vllm_tiny_dir, tmp_path)
-    try:
+    with _server(vllm_tiny_dir, tmp_path) as url:
         run = tmp_path / "run"
-        p = run_cli(tiny_overrides(vllm_tiny_dir, run, **{"rollout.engine": "vllm_server",
-                                                            "rollout.vllm.servers": f"[{url}]",
-                                                            "rollout.vllm.sync_port": _free_port(),
-                                                            "eval.at_start": True}))
+        p = _server_run(vllm_tiny_dir, run, url, **{"eval.at_start": True})
         assert p.returncode == 0, p.stderr[-3000:]
         m = metrics(run)
         steps = [r for r in m if r["step"] > 0]
@@ -189,9 +199,6 @@ def test_server_mode_end_to_end(tmp_path, vllm_tiny_dir):
         assert "eval/accuracy" in m[0]
         health = post(url, "/health", {}, 10)
         assert health["version"] == 3  # the initial sync and one per step
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 def test_dead_server_is_an_error_naming_it(tmp_path, vllm_tiny_dir):
@@ -263,18 +270,12 @@ def test_server_mode_without_servers_is_named(tmp_path, vllm_tiny_dir):
 def test_server_mode_two_training_ranks(tmp_path, vllm_tiny_dir, zero):
     """Two trainer processes (torchrun, gloo) share one server; rank 0 sends the weights (under ZeRO-3 gathered
     bucket by bucket with rank 1 walking along), and every rank learns the sync's verdict."""
-    server, url = _start_server(vllm_tiny_dir, tmp_path)
-    try:
+    with _server(vllm_tiny_dir, tmp_path) as url:
         run = tmp_path / "run"
-        p = run_cli(tiny_overrides(vllm_tiny_dir, run, **{"rollout.engine": "vllm_server",
-                                                           "rollout.vllm.servers": f"[{url}]",
-                                                           "rollout.vllm.sync_port": _free_port(),
-                                                           "deepspeed.zero_stage": zero}),
-                    launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+        p = _server_run(vllm_tiny_dir, run, url, **{"deepspeed.zero_stage": zero},
+                        launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                  "2"])
         assert p.returncode == 0, p.stderr[-3000:]
         m = metrics(run)
         assert [r["step"] for r in m] == [1, 2]
         assert all(r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 for r in m)
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
