@@ -3,8 +3,8 @@
 
     .venv/bin/python benchmarks/logprob_layouts.py [--reps 2]
 
-`prefix` runs each prompt once per micro-batch and fans its KV cache out to the group; `padded` and `packed`
-run every sequence whole. All three give the same logprobs and gradients (tests/test_logprobs.py).
+`prefix` runs each prompt once per micro-batch, in one flat stream with its group's completions; `padded` and
+`packed` run every sequence whole. All three give the same logprobs and gradients (tests/test_logprobs.py).
 """
 
 from __future__ import annotations

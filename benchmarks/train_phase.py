@@ -6,17 +6,20 @@ memory and, on a GPU, MFU.
     .venv/bin/python benchmarks/train_phase.py --layers 2 --hidden 256 --inter 512 --heads 4 --kv-heads 2 \\
         --prompts 2 --completion 32                                                   # a CPU smoke run
 
-The batch: `--prompts` groups of `--group` completions, each `--prompt-len` prompt tokens + `--completion` tokens.
-Ours: `grpo.logprobs.completion_logprobs` (prefix layout: each prompt runs once per micro-batch and its KV cache
-fans out to its group; chunked checkpointed vocabulary projection) + `grpo.loss.policy_loss`. TRL's: the padded
-batch through the model with `logits_to_keep`, logits divided by the temperature, `trl.trainer.utils.
-selective_log_softmax`, and the same clipped token-level loss (what GRPOTrainer._compute_loss does for one pass,
-beta = 0). Same micro-batch size, same optimizer (AdamW), gradient checkpointing on for both by default (ours then uses
-the layout `grpo train` picks: packed with flash-attention, else padded). Each path runs in
-its own process so each peak memory is its own.
+The batch: `--prompts` groups of `--group` completions, each `--prompt-len` prompt tokens + up to `--completion`
+tokens. `--lengths varied` (default) draws each completion's length uniformly from [completion/4, completion] with
+one per group at the maximum, as a rollout batch with truncations looks; `--lengths fixed` gives every completion
+the maximum (no padding anywhere, the case most favourable to TRL).
+Ours: `grpo.logprobs.completion_logprobs` (prefix layout: one flat stream per micro-batch, each prompt once, no
+padding; chunked checkpointed vocabulary projection) + `grpo.loss.policy_loss`. TRL's (what GRPOTrainer does for
+one pass, beta = 0): completions padded to the longest of the rollout batch, the batch through the model with
+`logits_to_keep`, logits divided by the temperature, `trl.trainer.utils.selective_log_softmax`, the same clipped
+token-level loss under the completion mask. Same micro-batch size, same optimizer (AdamW), gradient checkpointing
+on for both by default. Each path runs in its own process so each peak memory is its own.
 
-MFU = model FLOPs of the step (6 x parameters x trained tokens + attention, 12 x layers x hidden x context per
-token) / (time x peak FLOP/s); `--peak-tflops` defaults to an H100's dense bf16 989.
+MFU = the path's model FLOPs (6 x parameters per token it runs, plus 6 x layers x hidden per causal query-key
+pair; recomputation not counted; TRL runs every sequence whole, ours each prompt once) / (time x peak FLOP/s);
+`--peak-tflops` defaults to an H100's dense bf16 989. Tokens/s counts trained (completion) tokens for both.
 """
 
 from __future__ import annotations
@@ -49,17 +52,42 @@ def build(args):
     model.train()
     g = torch.Generator().manual_seed(1)
     batch = []
+    lengths = iter(completion_lengths(args))
     for _ in range(args.prompts):
         prompt = torch.randint(10, args.vocab, (args.prompt_len,), generator=g).tolist()
         for _ in range(args.group):
-            batch.append((prompt, torch.randint(10, args.vocab, (args.completion,), generator=g).tolist()))
+            batch.append((prompt, torch.randint(10, args.vocab, (next(lengths),), generator=g).tolist()))
     adv = torch.randn(len(batch), generator=g)
     return model, batch, adv
 
 
-def step_ours(model, batch, adv, args, opt):
+def completion_lengths(args) -> list[int]:
     import torch
 
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(args.prompts):
+        if args.lengths == "fixed":
+            out += [args.completion] * args.group
+            continue
+        lo = max(1, args.completion // 4)
+        lens = torch.randint(lo, args.completion + 1, (args.group,), generator=g).tolist()
+        lens[0] = args.completion  # one truncated completion per group
+        out += lens
+    return out
+
+
+def finish(model, opt) -> float:
+    """The optimizer step; returns the gradient norm, so the two paths can be checked to compute the same thing."""
+    import torch
+
+    norm = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None)))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def step_ours(model, batch, adv, args, opt):
     from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
     from grpo.loss import policy_loss, token_weights
 
@@ -71,9 +99,7 @@ def step_ours(model, batch, adv, args, opt):
         a = adv[i : i + args.micro].to(args.device)[mb.seq_index]
         w = token_weights("token", mb.seq_len, total, len(batch), args.completion)
         policy_loss(logp, logp.detach(), a, w, 0.2, 0.28).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return torch.tensor(0)
+    return finish(model, opt)
 
 
 def step_trl(model, batch, adv, args, opt):
@@ -81,27 +107,25 @@ def step_trl(model, batch, adv, args, opt):
     from trl.trainer.utils import selective_log_softmax
 
     total = sum(len(c) for _, c in batch)
+    lp = max(len(p) for p, _ in batch)  # TRL pads prompts left, completions right, over the rollout batch
+    lc = max(len(c) for _, c in batch)
     for i in range(0, len(batch), args.micro):
         part = batch[i : i + args.micro]
-        width = max(len(p) + len(c) for p, c in part)
-        ids = torch.zeros(len(part), width, dtype=torch.long)
+        ids = torch.zeros(len(part), lp + lc, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, (p, c) in enumerate(part):  # equal lengths here: no padding for either path
-            seq = p + c
-            ids[j, : len(seq)] = torch.tensor(seq)
-            mask[j, : len(seq)] = 1
+        for j, (p, c) in enumerate(part):
+            ids[j, lp - len(p) : lp + len(c)] = torch.tensor(p + c)
+            mask[j, lp - len(p) : lp + len(c)] = 1
         ids, mask = ids.to(args.device), mask.to(args.device)
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=args.completion + 1).logits
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=lc + 1).logits
         logits = logits[:, :-1, :] / 1.0
-        targets = ids[:, -args.completion :]
+        targets, c_mask = ids[:, lp:], mask[:, lp:]
         logp = selective_log_softmax(logits, targets)
         ratio = torch.exp(logp - logp.detach())
         a = adv[i : i + args.micro].to(args.device)[:, None]
         per_tok = -torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.28) * a)
-        (per_tok.sum() / total).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return torch.tensor(0)
+        ((per_tok * c_mask).sum() / total).backward()
+    return finish(model, opt)
 
 
 def child(args) -> None:
@@ -110,7 +134,7 @@ def child(args) -> None:
     model, batch, adv = build(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
     fn = step_ours if args.child == "ours" else step_trl
-    fn(model, batch, adv, args, opt)  # warm-up (allocations, kernels)
+    grad_norm = fn(model, batch, adv, args, opt)  # warm-up (allocations, kernels); same weights on both sides
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -126,7 +150,7 @@ def child(args) -> None:
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"seconds": min(times), "peak_gib": peak, "params": params}))
+    print(json.dumps({"seconds": min(times), "peak_gib": peak, "params": params, "grad_norm": grad_norm}))
 
 
 def main() -> None:
@@ -143,19 +167,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                    help="keep activations (ours can then share each prompt's forward: the prefix layout)")
-    ap.add_argument("--layout", default="auto", help="ours: prefix | padded | packed (auto: what grpo train picks)")
+    ap.add_argument("--lengths", choices=("varied", "fixed"), default="varied")
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", help="keep activations")
+    ap.add_argument("--layout", default="prefix", help="ours: prefix | padded | packed")
     ap.add_argument("--child", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.layout == "auto":  # as grpo.train.resolve_layout: HF keeps no KV cache under checkpointing
-        try:
-            import flash_attn  # noqa: F401
-
-            flash = args.device == "cuda"
-        except ImportError:
-            flash = False
-        args.layout = "prefix" if not args.checkpointing else ("packed" if flash else "padded")
     if args.child:
         child(args)
         return
@@ -166,16 +182,22 @@ def main() -> None:
         if p.returncode != 0:
             raise SystemExit(f"{which} failed:\n{p.stderr[-3000:]}")
         res[which] = json.loads(p.stdout.strip().splitlines()[-1])
-    tokens = args.prompts * args.group * args.completion
-    ctx = args.prompt_len + args.completion
-    flops = 6 * res["ours"]["params"] * tokens + 12 * args.layers * args.hidden * ctx * tokens
-    for r in res.values():
+    lens, lp = completion_lengths(args), args.prompt_len
+    tokens = sum(lens)  # trained (completion) tokens
+    params, per_pair = res["ours"]["params"], 6 * args.layers * args.hidden  # attention: fwd+bwd per q-k pair
+    # each path's model FLOPs (recomputation not counted): TRL runs every sequence whole, ours each prompt once
+    flops = {"trl": sum(6 * params * (lp + n) + per_pair * (lp + n) ** 2 for n in lens),
+             "ours": 6 * params * (args.prompts * lp + tokens) + per_pair * (args.prompts * lp**2 + sum(
+                 n * lp * 2 + n * n for n in lens))}
+    for k in ("ours", "trl"):
+        r = res[k]
         r["tokens_per_s"] = tokens / r["seconds"]
-        r["mfu"] = flops / r["seconds"] / (args.peak_tflops * 1e12) if args.device == "cuda" else None
+        r["mfu"] = flops[k] / r["seconds"] / (args.peak_tflops * 1e12) if args.device == "cuda" else None
     res["ratio_tokens_per_s"] = res["ours"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
     res["ratio_peak_memory"] = res["ours"]["peak_gib"] / res["trl"]["peak_gib"]
     print(f"{args.layers} layers x {args.hidden} hidden, vocab {args.vocab} ({res['ours']['params'] / 1e6:.0f}M "
-          f"params), {args.prompts}x{args.group} sequences of {args.prompt_len}+{args.completion} tokens, "
+          f"params), {args.prompts}x{args.group} sequences of {args.prompt_len}+{args.completion} tokens "
+          f"({args.lengths}: {tokens} completion tokens), "
           f"micro-batch {args.micro}, {args.device}/{args.dtype}, checkpointing {args.checkpointing}, "
           f"our layout {args.layout}")
     for k in ("ours", "trl"):
@@ -183,7 +205,8 @@ def main() -> None:
         mfu = f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
         print(f"{k:5s} {r['seconds']:8.2f} s  {r['tokens_per_s']:9.1f} trained tok/s  "
               f"peak {r['peak_gib']:6.2f} GiB{mfu}")
-    print(f"ours/TRL: {res['ratio_tokens_per_s']:.2f}x tokens/s, {res['ratio_peak_memory']:.2f}x peak memory")
+    print(f"ours/TRL: {res['ratio_tokens_per_s']:.2f}x tokens/s, {res['ratio_peak_memory']:.2f}x peak memory; "
+          f"first-step gradient norm {res['ours']['grad_norm']:.6g} vs {res['trl']['grad_norm']:.6g}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -215,7 +215,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     micro_batch_size: int = 16  # sequences per forward/backward on each rank (packed, no padding)
     logprob_chunk_size: int = 1024  # tokens per chunk of vocabulary projection
-    layout: str = "auto"  # auto | prefix (shared prompt forward per group) | padded | packed
+    layout: str = "auto"  # auto (prefix; padded for eager attention) | prefix | padded | packed
 
     def validate(self) -> None:
         if not self.lr > 0:

@@ -6,9 +6,10 @@ chunks of `chunk_size` tokens. Under autograd each chunk is checkpointed, so at 
 logits is alive at a time, in the forward and in the backward.
 
 Three layouts of the micro-batch, all giving the same numbers:
-- `prefix` (default): a GRPO group shares its prompt, so each distinct prompt runs through the body once and its
-  KV cache is fanned out to the group's completions (differentiably: the prompt positions still get their
-  gradient, summed over the group). Training tokens per step drop from P*G*(Lp+Lc) to P*Lp + P*G*Lc.
+- `prefix` (default): a GRPO group shares its prompt, so each distinct prompt runs through the body once, in one
+  flat stream with its completions and no padding; `grpo.prefix_attention` gives each completion its prompt's keys
+  (differentiably: the prompt positions get their gradient summed over the group). Tokens per step drop from
+  P*G*(Lp+Lc) to P*Lp + P*G*Lc, with or without gradient checkpointing.
 - `padded`: sequences sorted by length upstream, right-padded to the longest of the micro-batch.
 - `packed`: one row, position ids restarting per sequence, no padding at all (for flash-attention kernels).
 """
@@ -21,73 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from grpo import prefix_attention
+from grpo.prefix_attention import PrefixLayout
+
 
 @dataclass
 class Sequence:
     prompt_ids: list[int]
     completion_ids: list[int]
-
-
-@dataclass
-class PrefixBatch:
-    prompt_ids: torch.Tensor  # [U, Lp] distinct prompts, left-padded (all end at column Lp-1)
-    prompt_mask: torch.Tensor
-    prompt_pos: torch.Tensor
-    owner: torch.Tensor  # [N] which distinct prompt each sequence continues
-    comp_ids: torch.Tensor  # [N, Lc] completions, right-padded
-    full_mask: torch.Tensor  # [N, Lp + Lc]
-    comp_pos: torch.Tensor  # [N, Lc]
-    gather: torch.Tensor  # [T] row in cat(prompt last hidden [U], completion hidden [N*Lc]) predicting token t
-    targets: torch.Tensor
-    seq_index: torch.Tensor
-    seq_len: torch.Tensor
-
-
-def build_prefix_batch(seqs: list[Sequence], pad_id: int, device: torch.device | str = "cpu") -> PrefixBatch:
-    prompts: dict[tuple[int, ...], int] = {}
-    owner = [prompts.setdefault(tuple(s.prompt_ids), len(prompts)) for s in seqs]
-    uniq = list(prompts)
-    lp = max(len(p) for p in uniq)
-    lc = max(len(s.completion_ids) for s in seqs)
-    p_ids = torch.full((len(uniq), lp), pad_id, dtype=torch.long)
-    p_mask = torch.zeros((len(uniq), lp), dtype=torch.long)
-    for u, p in enumerate(uniq):
-        p_ids[u, lp - len(p) :] = torch.tensor(p)
-        p_mask[u, lp - len(p) :] = 1
-    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    c_ids = torch.full((len(seqs), lc), pad_id, dtype=torch.long)
-    c_mask = torch.zeros((len(seqs), lc), dtype=torch.long)
-    gather, targets, seq_index, seq_len = [], [], [], []
-    n_u = len(uniq)
-    for i, s in enumerate(seqs):
-        c = len(s.completion_ids)
-        c_ids[i, :c] = torch.tensor(s.completion_ids)
-        c_mask[i, :c] = 1
-        gather += [owner[i]] + [n_u + i * lc + j for j in range(c - 1)]
-        targets += s.completion_ids
-        seq_index += [i] * c
-        seq_len += [c] * c
-    own = torch.tensor(owner, dtype=torch.long)
-    plen = p_mask.sum(-1)[own]
-    c_pos = plen[:, None] + torch.arange(lc)[None, :]
-    full = torch.cat([p_mask[own], c_mask], dim=1)
-
-    def t(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.long, device=device)
-
-    return PrefixBatch(p_ids.to(device), p_mask.to(device), p_pos.to(device), own.to(device), c_ids.to(device),
-                       full.to(device), c_pos.to(device), t(gather), t(targets), t(seq_index), t(seq_len))
-
-
-def _prefix_hidden(body: torch.nn.Module, pb: PrefixBatch) -> torch.Tensor:
-    out_p = body(input_ids=pb.prompt_ids, attention_mask=pb.prompt_mask, position_ids=pb.prompt_pos, use_cache=True)
-    cache = out_p.past_key_values
-    cache.batch_select_indices(pb.owner)  # fan the prompt KV out to every completion (indexing: differentiable)
-    out_c = body(input_ids=pb.comp_ids, attention_mask=pb.full_mask, position_ids=pb.comp_pos,
-                 past_key_values=cache, use_cache=True)
-    h = out_c.last_hidden_state
-    table = torch.cat([out_p.last_hidden_state[:, -1], h.reshape(-1, h.shape[-1])])
-    return table[pb.gather]
 
 
 @dataclass
@@ -100,14 +42,38 @@ class MicroBatch:
     targets: torch.Tensor  # [T] completion token ids
     seq_index: torch.Tensor  # [T] which sequence of the micro-batch each token belongs to
     seq_len: torch.Tensor  # [T] completion length of that sequence
+    prefix: PrefixLayout | None = None  # the `prefix` layout's attention structure
+
+
+# A prepared 4D mask is passed through by transformers unchanged: it keeps the model from building a [T, T] mask
+# for the flat prefix stream, whose attention `grpo.prefix_attention` does itself.
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 def build_micro_batch(seqs: list[Sequence], pad_id: int, layout: str = "prefix",
-                      device: torch.device | str = "cpu") -> MicroBatch | PrefixBatch:
-    if layout == "prefix":
-        return build_prefix_batch(seqs, pad_id, device)
+                      device: torch.device | str = "cpu") -> MicroBatch:
     rows, cols, targets, seq_index, seq_len = [], [], [], [], []
-    if layout == "padded":
+    prefix = None
+    if layout == "prefix":
+        prompts: dict[tuple[int, ...], int] = {}
+        owner = [prompts.setdefault(tuple(s.prompt_ids), len(prompts)) for s in seqs]
+        p_start = [0]
+        for p in prompts:
+            p_start.append(p_start[-1] + len(p))
+        flat = [t for p in prompts for t in p]
+        for i, s in enumerate(seqs):
+            c, off = len(s.completion_ids), len(flat)
+            flat += s.completion_ids
+            rows += [0] * c
+            cols += [p_start[owner[i] + 1] - 1] + list(range(off, off + c - 1))
+            targets += s.completion_ids
+            seq_index += [i] * c
+            seq_len += [c] * c
+        prefix, position_ids = prefix_attention.build_layout([len(p) for p in prompts], owner,
+                                                             [len(s.completion_ids) for s in seqs], device)
+        ids = torch.tensor([flat])
+        attention_mask = _NO_MASK.to(device)
+    elif layout == "padded":
         width = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -146,7 +112,7 @@ def build_micro_batch(seqs: list[Sequence], pad_id: int, layout: str = "prefix",
         return torch.tensor(x, dtype=torch.long, device=device)
 
     return MicroBatch(ids.to(device), attention_mask, position_ids, t(rows), t(cols), t(targets), t(seq_index),
-                      t(seq_len))
+                      t(seq_len), prefix)
 
 
 def _head_chunk(head: torch.nn.Module, h: torch.Tensor, tgt: torch.Tensor,
@@ -160,18 +126,26 @@ def _head_chunk(head: torch.nn.Module, h: torch.Tensor, tgt: torch.Tensor,
     return logp, entropy
 
 
-def completion_logprobs(model: torch.nn.Module, mb: MicroBatch | PrefixBatch, temperature: float = 1.0,
+def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float = 1.0,
                         chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Logprobs [T] (differentiable when grad is enabled) and entropies [T] (detached) of the completion tokens,
     under softmax(logits / temperature): the distribution the rollout engine sampled from."""
     body = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
-    if isinstance(mb, PrefixBatch):
-        hidden = _prefix_hidden(body, mb)
-    else:
-        out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                   use_cache=False)
-        hidden = out.last_hidden_state[mb.rows, mb.cols]  # [T, H]
+    extra = {}
+    if mb.prefix is not None:
+        if not prefix_attention.supports(model):
+            raise ValueError(f"optim.layout=prefix needs model.attn_implementation sdpa or flash_attention_2, not "
+                             f"{model.config._attn_implementation!r}; or set optim.layout=padded")
+        prefix_attention.install()
+        extra["prefix_layout"] = mb.prefix
+        calls = mb.prefix.calls
+    out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+               use_cache=False, **extra)
+    if mb.prefix is not None and mb.prefix.calls == calls:  # the flat stream went through plain causal attention
+        raise RuntimeError(f"{type(model).__name__}'s attention does not go through transformers' attention "
+                           "functions, so optim.layout=prefix cannot shape it; set optim.layout=padded")
+    hidden = out.last_hidden_state[mb.rows, mb.cols]  # [T, H]
     inv_temp = 1.0 / temperature
     logps, ents = [], []
     for h, tgt in zip(hidden.split(chunk_size), mb.targets.split(chunk_size), strict=False):

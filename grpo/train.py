@@ -220,8 +220,8 @@ def _all_sum(values: list[float]) -> list[float]:
 def resolve_layout(cfg: Config) -> str:
     if cfg.optim.layout != "auto":
         return cfg.optim.layout
-    if cfg.model.gradient_checkpointing:  # HF drops the KV cache under checkpointing: no shared prefix
-        return "packed" if cfg.model.attn_implementation == "flash_attention_2" else "padded"
+    if cfg.model.attn_implementation == "eager":  # grpo.prefix_attention shapes only registered attention
+        return "padded"
     return "prefix"
 
 

@@ -74,5 +74,75 @@ def test_micro_batches_sum_to_the_one_batch_gradient(model):
 def test_prefix_layout_runs_each_prompt_once(model):
     seqs = groups(seed=4, n_prompts=2, g=5)
     mb = build_micro_batch(seqs, 0, "prefix")
-    assert mb.prompt_ids.shape[0] == 2
-    assert mb.comp_ids.shape[0] == 10
+    assert mb.prefix.p_idx.shape[0] == 2 and mb.prefix.c_idx.shape[0] == 10
+    prompt_tokens = len(seqs[0].prompt_ids) + len(seqs[5].prompt_ids)
+    assert mb.input_ids.shape == (1, prompt_tokens + sum(len(s.completion_ids) for s in seqs))
+
+
+def test_prefix_layout_by_hand():
+    """Prompts of 2 and 1 tokens; completions of 2, 1 (prompt 0) and 3 (prompt 1) tokens. Flat stream:
+    p0 p0 | p1 | c0 c0 | c1 | c2 c2 c2, at flat positions 0 1 | 2 | 3 4 | 5 | 6 7 8."""
+    from grpo.prefix_attention import build_layout
+
+    lay, pos = build_layout([2, 1], [0, 0, 1], [2, 1, 3])
+    assert pos.tolist() == [[0, 1, 0, 2, 3, 2, 1, 2, 3]]
+    assert lay.p_idx.tolist() == [[0, 1], [2, 0]]
+    assert lay.c_idx.tolist() == [[3, 4, 0], [5, 0, 0], [6, 7, 8]]
+    assert lay.kv_idx[2].tolist() == [2, 0, 6, 7, 8]
+    # completion 2 (prompt of 1 token): query i sees prompt key 0 and own keys 0..i
+    assert lay.c_mask[2, 0].int().tolist() == [[1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 1, 1, 1]]
+    assert lay.c_mask[0, 0, 1].int().tolist() == [1, 1, 1, 1, 0]
+    # outputs: prompt rows [2 x 2] then completion rows [3 x 3], in flat order
+    assert lay.out_idx.tolist() == [0, 1, 2, 4, 5, 7, 10, 11, 12]
+
+
+def test_prefix_layout_with_gradient_checkpointing(model):
+    """The recomputation in backward sees the same structure (the layout travels with the checkpointed call)."""
+    seqs = groups(seed=5)
+    weights = torch.linspace(-1, 1, sum(len(s.completion_ids) for s in seqs))
+    model.zero_grad()
+    ref_lp = torch.cat(reference_logprobs(model, seqs))
+    (ref_lp * weights).sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        mb = build_micro_batch(seqs, 0, "prefix")
+        lp, _ = completion_logprobs(model, mb, 1.0, chunk_size=5)
+        assert mb.prefix.calls == 2  # one per layer
+        (lp * weights).sum().backward()
+        assert mb.prefix.calls == 4  # and again in the recomputation
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert torch.allclose(lp, ref_lp, atol=1e-5)
+    for r, p in zip(ref, model.parameters(), strict=False):
+        assert torch.allclose(p.grad, r, atol=1e-5)
+
+
+def test_prefix_layout_on_qwen2_with_scattered_groups():
+    """The Qwen2 family (every GPU recipe), a group split around another prompt, one-token prompts and
+    completions; and other forwards (generation's) are unchanged by the installed wrapper."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    qwen = Qwen2ForCausalLM(cfg).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = qwen(input_ids=ids).logits
+    a, b = [3, 4, 5], [9]
+    seqs = [Sequence(a, [7, 8]), Sequence(b, [4]), Sequence(a, [11]), Sequence(b, [12, 13, 14, 15])]
+    ref = torch.cat(reference_logprobs(qwen, seqs))
+    lp, _ = completion_logprobs(qwen, build_micro_batch(seqs, 0, "prefix"), 1.0)
+    assert torch.allclose(lp, ref, atol=1e-5)
+    assert torch.equal(qwen(input_ids=ids).logits, before)
+
+
+def test_prefix_layout_refuses_eager_attention():
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    eager = LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
+    with pytest.raises(ValueError, match="optim.layout=prefix needs model.attn_implementation"):
+        completion_logprobs(eager, build_micro_batch(groups(), 0, "prefix"))

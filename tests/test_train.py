@@ -144,6 +144,8 @@ def test_algorithm_options_run_end_to_end(tmp_path, tiny_model_dir, options):
     assert all(math.isfinite(r["loss/pg"]) for r in m)
     assert all(r["grad_norm"] > 0 for r in m) or options.get("algo.num_iterations")
     assert m[0]["grad_norm"] > 0 or m[0]["clip_frac"] > 0
+    # the trainer's logprobs (every layout, checkpointed or not) agree with the ones the HF engine sampled with
+    assert all(r["logprob_mismatch/mean_abs"] < 1e-3 for r in m)
     if options.get("algo.beta"):
         assert m[0]["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
         assert m[2]["loss/kl"] > 0  # and drifts from it after
