@@ -2,13 +2,15 @@
 second and peak memory, for the same model, prompts, group size, generation length and optimizer settings.
 
     .venv/bin/python benchmarks/compare_trl.py [--steps 6] [--json out.json]
+    python benchmarks/compare_trl.py --device cuda --dtype bfloat16 --max-new 256     # on a GPU machine
 
-Each trainer runs in its own process (so each peak RSS is its own), one after the other. Both generate with HF
-transformers (TRL with use_vllm=False; ours with the HF engine), 8 prompts x 8 completions a step, at most 16 new
-tokens, temperature 1, AdamW lr 3e-5, 2 warm-up steps, grad clip 1.0, micro-batches of 16 sequences, beta = 0,
-token-level loss (TRL's "dapo"), clip 0.2/0.28, one pass per batch. The first step of each is a warm-up and is
-left out of the medians. TRL's generation phase includes its scoring and its old-logprob forward (it does them
-in one method); its update is the rest of the step.
+Each trainer runs in its own process (so each peak memory is its own), one after the other. Both generate with
+HF transformers (TRL with use_vllm=False; ours with the HF engine), 8 prompts x 8 completions a step, at most
+`--max-new` (16) new tokens, temperature 1, AdamW lr 3e-5, 2 warm-up steps, grad clip 1.0, micro-batches of 16
+sequences, beta = 0, token-level loss (TRL's "dapo"), clip 0.2/0.28, one pass per batch. The first step of each
+is a warm-up and is left out of the medians. TRL's generation phase includes its scoring and its old-logprob
+forward (it does them in one method); its update is the rest of the step. Peak memory is the process's peak RSS
+on CPU and the peak CUDA memory allocated on a GPU.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
-PROMPTS, G, MAX_NEW, LR, MICRO = 8, 8, 16, 3e-5, 16
+PROMPTS, G, LR, MICRO = 8, 8, 3e-5, 16
 
 
-def run_ours(steps: int) -> dict:
+def run_ours(steps: int, device: str, dtype: str, max_new: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = [f"output_dir={tmp}/run", f"steps={steps}", "eval.at_start=false", "eval.at_end=false", "eval.every=0",
                 "checkpoint.every=0", "checkpoint.save_final_model=false", f"rollout.prompts_per_step={PROMPTS}",
-                f"rollout.num_generations={G}", f"rollout.max_new_tokens={MAX_NEW}", f"optim.lr={LR}",
-                f"optim.micro_batch_size={MICRO}", "scoring.workers=0"]
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+                f"rollout.num_generations={G}", f"rollout.max_new_tokens={max_new}", f"optim.lr={LR}",
+                f"optim.micro_batch_size={MICRO}", "scoring.workers=0", f"device={device}", f"model.dtype={dtype}"]
+        env = {**os.environ, "DS_ACCELERATOR": device, "WANDB_MODE": "disabled"}
         p = subprocess.run([sys.executable, "-m", "grpo", "train", str(RECIPE), *args], env=env, cwd=ROOT,
                            capture_output=True, text=True)
         if p.returncode != 0:
@@ -45,11 +47,11 @@ def run_ours(steps: int) -> dict:
     med = lambda k: statistics.median(r.get(k, 0.0) for r in m)  # noqa: E731
     return {"step_s": med("time/step"), "generate_s": med("time/generate"), "score_s": med("time/score"),
             "update_s": med("time/update") + med("time/logprobs"), "sync_s": med("time/sync"),
-            "tokens_per_s": med("tokens_per_second"), "peak_rss_gib": max(r["memory/peak_gib"] for r in m),
+            "tokens_per_s": med("tokens_per_second"), "peak_gib": max(r["memory/peak_gib"] for r in m),
             "reward_mean": statistics.mean(r["reward/mean"] for r in m)}
 
 
-def trl_child(steps: int) -> None:
+def trl_child(steps: int, device: str, dtype: str, max_new: int) -> None:
     """Runs inside its own process: TRL's GRPOTrainer on the same data, prints one JSON line."""
     import torch
     from datasets import Dataset
@@ -69,7 +71,7 @@ def trl_child(steps: int) -> None:
     path = str(embedded_model_dir())
     tok = load_tokenizer(path)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
 
     def accuracy_reward(completions, answer, **_):
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
@@ -77,9 +79,10 @@ def trl_child(steps: int) -> None:
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=MICRO,
                       gradient_accumulation_steps=PROMPTS * G // MICRO, num_generations=G,
-                      max_completion_length=MAX_NEW, temperature=1.0, learning_rate=LR, warmup_steps=2,
+                      max_completion_length=max_new, temperature=1.0, learning_rate=LR, warmup_steps=2,
                       lr_scheduler_type="constant_with_warmup", max_grad_norm=1.0, beta=0.0, loss_type="dapo",
-                      epsilon=0.2, epsilon_high=0.28, num_iterations=1, use_vllm=False, bf16=False, use_cpu=True,
+                      epsilon=0.2, epsilon_high=0.28, num_iterations=1, use_vllm=False, bf16=dtype == "bfloat16",
+                      use_cpu=device == "cpu",
                       logging_steps=1, report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=accuracy_reward, args=args, train_dataset=ds,
                           processing_class=tok)
@@ -115,14 +118,18 @@ def trl_child(steps: int) -> None:
     print(json.dumps({"step_s": statistics.median(s), "generate_s": statistics.median(g),
                       "update_s": statistics.median(a - b for a, b in zip(s, g, strict=True)),
                       "tokens_per_s": None,
-                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "peak_gib": (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
+                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),
                       "reward_mean": statistics.mean(rewards[1:]) if len(rewards) > 1 else None}))
 
 
-def run_trl(steps: int) -> dict:
-    env = {**os.environ, "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, __file__, "--child-trl", "--steps", str(steps)], env=env, cwd=ROOT,
-                       capture_output=True, text=True)
+def run_trl(steps: int, device: str, dtype: str, max_new: int) -> dict:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"
+    p = subprocess.run([sys.executable, __file__, "--child-trl", "--steps", str(steps), "--device", device,
+                        "--dtype", dtype, "--max-new", str(max_new)], env=env, cwd=ROOT, capture_output=True,
+                       text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-3000:])
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -132,15 +139,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--child-trl", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    setting = (args.steps, args.device, args.dtype, args.max_new)
     if args.child_trl:
-        trl_child(args.steps)
+        trl_child(*setting)
         return
-    ours = run_ours(args.steps)
-    trl = run_trl(args.steps)
+    ours = run_ours(*setting)
+    trl = run_trl(*setting)
     print(f"{'':<16}{'ours':>10}{'TRL':>10}{'ours/TRL':>10}")
-    for k in ("step_s", "generate_s", "update_s", "peak_rss_gib", "reward_mean"):
+    for k in ("step_s", "generate_s", "update_s", "peak_gib", "reward_mean"):
         a, b = ours.get(k), trl.get(k)
         ratio = f"{a / b:10.2f}" if a is not None and b else f"{'':>10}"
         print(f"{k:<16}{a if a is not None else float('nan'):10.2f}{b if b is not None else float('nan'):10.2f}"
