@@ -95,7 +95,7 @@ def step_ours(model, batch, adv, args, opt):
     for i in range(0, len(batch), args.micro):
         part = batch[i : i + args.micro]
         mb = build_micro_batch([Sequence(p, c) for p, c in part], 0, args.layout, args.device)
-        logp, _ = completion_logprobs(model, mb, 1.0, 1024)
+        logp, _ = completion_logprobs(model, mb, 1.0, args.chunk)
         a = adv[i : i + args.micro].to(args.device)[mb.seq_index]
         w = token_weights("token", mb.seq_len, total, len(batch), args.completion)
         policy_loss(logp, logp.detach(), a, w, 0.2, 0.28).loss.backward()
@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--lengths", choices=("varied", "fixed"), default="varied")
+    ap.add_argument("--chunk", type=int, default=256, help="ours: optim.logprob_chunk_size")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", help="keep activations")
     ap.add_argument("--layout", default="prefix", help="ours: prefix | padded | packed")
     ap.add_argument("--child", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)

@@ -214,7 +214,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine | linear (after warm-up)
     max_grad_norm: float = 1.0
     micro_batch_size: int = 16  # sequences per forward/backward on each rank (packed, no padding)
-    logprob_chunk_size: int = 1024  # tokens per chunk of vocabulary projection
+    logprob_chunk_size: int = 256  # tokens per chunk of the vocabulary projection (memory: chunk x vocab x 4 B)
     layout: str = "auto"  # auto (prefix; padded for eager attention) | prefix | padded | packed
 
     def validate(self) -> None:

@@ -115,15 +115,22 @@ def build_micro_batch(seqs: list[Sequence], pad_id: int, layout: str = "prefix",
                       t(seq_len), prefix)
 
 
-def _head_chunk(head: torch.nn.Module, h: torch.Tensor, tgt: torch.Tensor,
-                inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(h).float() * inv_temp  # [chunk, V] in fp32: the only full-vocabulary tensor alive
+def _head_chunk(head: torch.nn.Module, h: torch.Tensor, tgt: torch.Tensor, inv_temp: float,
+                entropy: list[torch.Tensor]) -> torch.Tensor:
+    """Logprobs of `tgt` for one chunk; appends the chunk's (detached) entropies to `entropy` on the first call only.
+    Under checkpointing this function runs again in backward with the same arguments: the entropy (a softmax over
+    the whole vocabulary, without gradient) is not recomputed there."""
+    first = not entropy
+    logits = head(h).float()  # [chunk, V] in fp32: the only full-vocabulary tensors alive are this chunk's
+    if inv_temp != 1.0:
+        logits = logits * inv_temp
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, tgt[:, None]).squeeze(-1) - logz
-    with torch.no_grad():
-        probs = torch.softmax(logits.detach(), dim=-1)
-        entropy = logz.detach() - (probs * logits.detach()).sum(-1)
-    return logp, entropy
+    if first:
+        with torch.no_grad():
+            probs = torch.exp(logits.detach() - logz.detach()[:, None])
+            entropy.append(logz.detach() - torch.linalg.vecdot(probs, logits.detach()))
+    return logp
 
 
 def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float = 1.0,
@@ -149,12 +156,12 @@ def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: flo
     inv_temp = 1.0 / temperature
     logps, ents = [], []
     for h, tgt in zip(hidden.split(chunk_size), mb.targets.split(chunk_size), strict=False):
+        ent: list[torch.Tensor] = []
         if torch.is_grad_enabled():
-            lp, ent = checkpoint(_head_chunk, head, h, tgt, inv_temp, use_reentrant=False)
+            logps.append(checkpoint(_head_chunk, head, h, tgt, inv_temp, ent, use_reentrant=False))
         else:
-            lp, ent = _head_chunk(head, h, tgt, inv_temp)
-        logps.append(lp)
-        ents.append(ent)
+            logps.append(_head_chunk(head, h, tgt, inv_temp, ent))
+        ents += ent
     return torch.cat(logps), torch.cat(ents)
 
 

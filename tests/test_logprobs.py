@@ -146,3 +146,16 @@ def test_prefix_layout_refuses_eager_attention():
     eager = LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
     with pytest.raises(ValueError, match="optim.layout=prefix needs model.attn_implementation"):
         completion_logprobs(eager, build_micro_batch(groups(), 0, "prefix"))
+
+
+def test_entropies_match_full_softmax(model):
+    seqs = groups(seed=6)
+    ref = []
+    for s in seqs:
+        logits = model(input_ids=torch.tensor([s.prompt_ids + s.completion_ids])).logits[0].float() / 0.7
+        p = len(s.prompt_ids)
+        dist = torch.distributions.Categorical(logits=logits[p - 1 : -1])
+        ref.append(dist.entropy())
+    with torch.enable_grad():  # the checkpointed path, entropies from its first call
+        _, ent = completion_logprobs(model, build_micro_batch(seqs, 0, "prefix"), 0.7, chunk_size=4)
+    assert torch.allclose(ent, torch.cat(ref).detach(), atol=1e-5)
