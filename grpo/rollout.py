@@ -125,8 +125,9 @@ class HFEngine:
         gen_cfg = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
                                    temperature=1.0, top_p=1.0, top_k=None, eos_token_id=self.eos_ids,
                                    pad_token_id=pad, use_cache=True)
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  generation_config=gen_cfg, logits_processor=procs)
+        ids, mask = ids.to(device), mask.to(device)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                  logits_processor=procs, past_key_values=self._shared_prefill(ids, mask))
         new = out[:, width:].cpu()
         logps = recorder.finish(new[:, -1].to(device)).cpu() if new.shape[1] else torch.zeros(len(prompts), 0)
         completions = []
@@ -140,6 +141,24 @@ class HFEngine:
             text = self.tok.decode(toks, skip_special_tokens=True)
             completions.append(Completion(list(p), toks, text, logps[i, : len(toks)].tolist(), reason))
         return completions
+
+
+    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor):
+        """The KV cache of every prompt but its last token, computed once per distinct prompt and fanned out to its
+        copies (a batch holds each prompt n times, adjacent). `generate` then runs only the last prompt column and
+        the new tokens. None when nothing is shared (then `generate` prefills as usual)."""
+        if ids.shape[1] < 2:
+            return None
+        first = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        first[1:] = (ids[1:] != ids[:-1]).any(-1)
+        if bool(first.all()):
+            return None
+        u_ids, u_mask = ids[first, :-1], mask[first, :-1]
+        # positions as generate computes them from the mask, so the cached prefix matches what it would have built
+        pos = (u_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self.model(input_ids=u_ids, attention_mask=u_mask, position_ids=pos, use_cache=True).past_key_values
+        cache.batch_select_indices(first.cumsum(0) - 1)  # row i continues the last distinct prompt up to i
+        return cache
 
 
 def stop_ids(tokenizer, model) -> list[int]:

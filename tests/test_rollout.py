@@ -57,3 +57,29 @@ def test_greedy_is_deterministic_and_batch_independent(tiny_model_dir, tokenizer
     a = HFEngine(model, tokenizer, batch_size=1).generate(prompts, 1, SamplingParams(8, greedy=True))
     b = HFEngine(model, tokenizer, batch_size=8).generate(prompts, 1, SamplingParams(8, greedy=True))
     assert [g[0].ids for g in a] == [g[0].ids for g in b]
+
+
+def test_shared_prompt_prefill_matches_separate_generation(tiny_model_dir, tokenizer):
+    """Each distinct prompt is prefilled once and its cache fanned out to its copies (a batch boundary cuts a
+    group here: batches of 5 over 2 x 3 copies); greedy results equal those of one-copy batches, where nothing is
+    shared."""
+    model = load_model(str(tiny_model_dir), "float32")
+    prompts = _prompts(tokenizer)
+    shared = HFEngine(model, tokenizer, batch_size=5)
+    prefills = []
+    inner = shared._shared_prefill
+    shared._shared_prefill = lambda ids, mask: prefills.append(len(ids)) or inner(ids, mask)
+    out = shared.generate(prompts, 3, SamplingParams(8, greedy=True))
+    alone = HFEngine(model, tokenizer, batch_size=1).generate(prompts, 1, SamplingParams(8, greedy=True))
+    assert prefills == [5, 1]
+    for g, (a,) in zip(out, alone, strict=True):
+        for c in g:
+            assert c.ids == a.ids
+            assert torch.allclose(torch.tensor(c.logprobs), torch.tensor(a.logprobs), atol=1e-5)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((3, width), tokenizer.pad_token_id)
+    for i, p in enumerate([prompts[0], prompts[0], prompts[1]]):
+        ids[i, width - len(p):] = torch.tensor(p)
+    cache = shared._shared_prefill(ids, (ids != tokenizer.pad_token_id).long())
+    assert cache.get_seq_length() == width - 1 and cache.layers[0].keys.shape[0] == 3
+    assert torch.equal(cache.layers[0].keys[0], cache.layers[0].keys[1])
