@@ -49,18 +49,27 @@ class PrefixLayout:
         self.calls += 1
         h, kvh, d = query.shape[1], key.shape[1], query.shape[-1]
         q, k, v = query[0], key[0], value[0]
-        if kvh != h:  # grouped-query attention: expand once here rather than per gathered copy
+        # Grouped-query attention: CPU SDPA takes the kv heads as they are (the gathered per-completion copies of
+        # the prompt keys stay kvh heads wide); CUDA's memory-efficient kernel, the one that takes a mask, does not,
+        # so there they are expanded first.
+        gqa = kvh != h and native_gqa(q.device)
+        if kvh != h and not gqa:
             k, v = k.repeat_interleave(h // kvh, dim=0), v.repeat_interleave(h // kvh, dim=0)
 
         def rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return x[:, idx].transpose(0, 1)  # [h, T, d] -> [rows, h, cols, d]
+            return x[:, idx].transpose(0, 1)  # [heads, T, d] -> [rows, heads, cols, d]
 
         out_p = F.scaled_dot_product_attention(rows(q, self.p_idx), rows(k, self.p_idx), rows(v, self.p_idx),
-                                               is_causal=True, dropout_p=dropout, scale=scaling)
+                                               is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         out_c = F.scaled_dot_product_attention(rows(q, self.c_idx), rows(k, self.kv_idx), rows(v, self.kv_idx),
-                                               attn_mask=self.c_mask, dropout_p=dropout, scale=scaling)
+                                               attn_mask=self.c_mask, dropout_p=dropout, scale=scaling,
+                                               enable_gqa=gqa)
         flat = torch.cat([out_p.transpose(1, 2).reshape(-1, h, d), out_c.transpose(1, 2).reshape(-1, h, d)])
         return flat[self.out_idx].unsqueeze(0)
+
+
+def native_gqa(device: torch.device) -> bool:
+    return device.type == "cpu"
 
 
 def build_layout(prompt_lens: list[int], owner: list[int], comp_lens: list[int],
