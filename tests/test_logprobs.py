@@ -164,3 +164,9 @@ def test_entropies_match_full_softmax(model):
     with torch.enable_grad():  # the checkpointed path, entropies from its first call
         _, ent = completion_logprobs(model, build_micro_batch(seqs, 0, "prefix"), 0.7, chunk_size=4)
     assert torch.allclose(ent, torch.cat(ref).detach(), atol=1e-5)
+
+
+def test_prefix_layout_with_an_empty_completion(model):
+    seqs = [Sequence([5, 6, 7], [8, 9]), Sequence([5, 6, 7], []), Sequence([5, 6, 7], [10])]
+    lp, _ = completion_logprobs(model, build_micro_batch(seqs, 0, "prefix"))
+    assert torch.allclose(lp, torch.cat(reference_logprobs(model, [seqs[0], seqs[2]])), atol=1e-5)
