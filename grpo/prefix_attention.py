@@ -41,7 +41,7 @@ class PrefixLayout:
     kv_idx: torch.Tensor  # [N, Lp + Lc] its prompt's positions, then its own
     c_mask: torch.Tensor  # [N, 1, Lc, Lp + Lc] bool: which of those keys each completion query sees
     out_idx: torch.Tensor  # [T] row of cat(prompt outputs [U*Lp], completion outputs [N*Lc]) for flat token t
-    calls: int = field(default=0, compare=False)  # attention calls served: checked against the layer count
+    calls: int = field(default=0, compare=False)  # attention calls served: a forward that adds none is an error
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
                dropout: float) -> torch.Tensor:
