@@ -142,7 +142,6 @@ class HFEngine:
             completions.append(Completion(list(p), toks, text, logps[i, : len(toks)].tolist(), reason))
         return completions
 
-
     def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor):
         """The KV cache of every prompt but its last token, computed once per distinct prompt and fanned out to its
         copies (a batch holds each prompt n times, adjacent). `generate` then runs only the last prompt column and
@@ -156,7 +155,8 @@ class HFEngine:
         u_ids, u_mask = ids[first, :-1], mask[first, :-1]
         # positions as generate computes them from the mask, so the cached prefix matches what it would have built
         pos = (u_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self.model(input_ids=u_ids, attention_mask=u_mask, position_ids=pos, use_cache=True).past_key_values
+        body = getattr(self.model, self.model.base_model_prefix)  # no logits needed: skip the vocabulary head
+        cache = body(input_ids=u_ids, attention_mask=u_mask, position_ids=pos, use_cache=True).past_key_values
         cache.batch_select_indices(first.cumsum(0) - 1)  # row i continues the last distinct prompt up to i
         return cache
 
