@@ -17,8 +17,8 @@ one pass, beta = 0): completions padded to the longest of the rollout batch, the
 token-level loss under the completion mask. Same micro-batch size, same optimizer (AdamW), gradient checkpointing
 on for both by default. Each path runs in its own process so each peak memory is its own.
 
-MFU = the path's model FLOPs (6 x parameters per token it runs, plus 6 x layers x hidden per causal query-key
-pair; recomputation not counted; TRL runs every sequence whole, ours each prompt once) / (time x peak FLOP/s);
+MFU = the path's model FLOPs (`model_flops`: 6 x parameters per token it runs, plus 12 x layers x hidden per
+causal query-key pair; recomputation not counted) / (time x peak FLOP/s);
 `--peak-tflops` defaults to an H100's dense bf16 989. Tokens/s counts trained (completion) tokens for both.
 """
 
@@ -128,6 +128,19 @@ def step_trl(model, batch, adv, args, opt):
     return finish(model, opt)
 
 
+def model_flops(params: int, layers: int, hidden: int, prompt_len: int, lens: list[int], group: int,
+                micro: int) -> dict[str, float]:
+    """Each path's model FLOPs for one step (recomputation not counted): 6 x params per token it runs, plus
+    12 x layers x hidden per causal query-key pair (fwd+bwd). TRL runs every sequence whole; ours runs a prompt
+    once in every micro-batch that holds part of its group, and each completion against its prompt's keys."""
+    per_pair = 12 * layers * hidden
+    runs = sum(len({j // group for j in range(i, min(i + micro, len(lens)))}) for i in range(0, len(lens), micro))
+    lp = prompt_len
+    return {"trl": sum(6 * params * (lp + n) + per_pair * (lp + n) ** 2 / 2 for n in lens),
+            "ours": 6 * params * (runs * lp + sum(lens))
+            + per_pair * (runs * lp**2 / 2 + sum(n * lp + n * n / 2 for n in lens))}
+
+
 def child(args) -> None:
     import torch
 
@@ -185,11 +198,7 @@ def main() -> None:
         res[which] = json.loads(p.stdout.strip().splitlines()[-1])
     lens, lp = completion_lengths(args), args.prompt_len
     tokens = sum(lens)  # trained (completion) tokens
-    params, per_pair = res["ours"]["params"], 6 * args.layers * args.hidden  # attention: fwd+bwd per q-k pair
-    # each path's model FLOPs (recomputation not counted): TRL runs every sequence whole, ours each prompt once
-    flops = {"trl": sum(6 * params * (lp + n) + per_pair * (lp + n) ** 2 for n in lens),
-             "ours": 6 * params * (args.prompts * lp + tokens) + per_pair * (args.prompts * lp**2 + sum(
-                 n * lp * 2 + n * n for n in lens))}
+    flops = model_flops(res["ours"]["params"], args.layers, args.hidden, lp, lens, args.group, args.micro)
     for k in ("ours", "trl"):
         r = res[k]
         r["tokens_per_s"] = tokens / r["seconds"]
