@@ -315,6 +315,13 @@ class Config:
             if not r.timeout > 0:
                 raise ConfigError(f"rewards[{i}].timeout: must be > 0, got {r.timeout}")
 
+    def layout(self) -> str:
+        """`optim.layout` resolved: `auto` is `prefix`, except under eager attention, which grpo.prefix_attention
+        cannot shape (it wraps only transformers' registered attention functions)."""
+        if self.optim.layout != "auto":
+            return self.optim.layout
+        return "padded" if self.model.attn_implementation == "eager" else "prefix"
+
     def tis_enabled(self) -> bool:
         """Importance weights are on when asked, or by default when a vLLM engine samples (its kernels differ
         from the trainer's, so its logprobs do too); the HF engine samples from the trainer's own module."""

@@ -7,13 +7,16 @@ see which knob moves which term:
   each divided over the ranks as the ZeRO stage shards it, optimizer states moved to host memory by
   `deepspeed.offload_optimizer`;
 - training activations of one micro-batch (per layer per token ~ bytes*(8H + 4I) for a LLaMA/Qwen block with fused
-  SDPA attention; with gradient checkpointing only each layer's input plus one layer recomputed), the chunked
+  SDPA attention; with gradient checkpointing only each layer's input plus one layer recomputed; the prefix layout
+  runs each distinct prompt of a micro-batch once and adds its attention's gathered keys/values and mask), the chunked
   vocabulary projection (`optim.logprob_chunk_size` x vocab x fp32, three live copies), and under ZeRO-3 two
   layers' gathered parameters;
 - generation: colocated vLLM holds `rollout.vllm.gpu_memory_utilization` of the device while it samples and
   sleeps (releases it) during the update; the HF engine needs the KV cache of `rollout.generation_batch_size`
   sequences and a few fp32 [batch, vocab] score tensors;
 - a fixed reserve (CUDA context and allocator slack on GPU, the interpreter and libraries on CPU).
+On CPU the generation phase's memory stays counted during the update: RSS is a high-water mark and glibc keeps
+freed memory.
 
 The peak is the larger of the generation phase and the update phase. Checked against the measured peak of the
 embedded model on CPU in tests/test_embedded.py; the figures are in README.md.
@@ -43,7 +46,7 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
                                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                                      tie_word_embeddings=False, attention_bias=True),
 }
-CPU_RESERVE_GIB = 0.3  # RSS of python with torch, transformers, deepspeed and grpo imported (measured here)
+CPU_RESERVE_GIB = 0.45  # RSS of python with torch, transformers, deepspeed and grpo.train imported (0.44 measured)
 GPU_RESERVE_GIB = 1.0  # CUDA context, NCCL buffers, allocator fragmentation
 
 
@@ -136,14 +139,22 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
     if cfg.algo.beta > 0:
         t["reference model"] = P * b / (n if z == 3 else 1)
     prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
-    seq = prompt + cfg.rollout.max_new_tokens
-    tokens = cfg.optim.micro_batch_size * seq
-    per_layer_token = b * (8 * s.hidden + 4 * s.inter)
-    if cfg.model.gradient_checkpointing:
-        act = tokens * (s.layers * s.hidden * b + per_layer_token)
+    new = cfg.rollout.max_new_tokens
+    seq = prompt + new
+    m = cfg.optim.micro_batch_size
+    prefix = cfg.layout() == "prefix"
+    if prefix:  # m consecutive sequences of groups of G hold at most (m - 2) // G + 2 distinct prompts, run once each
+        tokens = min(m, 1 if m == 1 else (m - 2) // cfg.rollout.num_generations + 2) * prompt + m * new
     else:
-        act = tokens * s.layers * per_layer_token
+        tokens = m * seq
+    per_layer_token = b * (8 * s.hidden + 4 * s.inter)
+    ckpt = cfg.model.gradient_checkpointing
+    act = tokens * (s.layers * s.hidden * b + per_layer_token) if ckpt else tokens * s.layers * per_layer_token
     t["activations (one micro-batch)"] = act
+    if prefix:  # each completion's gathered prompt+own keys and values, its queries and outputs, the mask and bias
+        kv = s.kv_dim if device == "cpu" else s.hidden  # CUDA expands grouped kv heads for the masked kernel
+        work = b * (2 * m * seq * kv + 2 * m * new * s.hidden) + m * new * seq * (1 + b)
+        t["prefix attention"] = work * (1 if ckpt else s.layers)
     t["logprob chunks"] = 3 * min(cfg.optim.logprob_chunk_size, tokens) * s.vocab * 4
     if z == 3:
         t["zero-3 gathered layers"] = 2 * s.layer_params() * b
@@ -162,9 +173,11 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
     reserve = (GPU_RESERVE_GIB if device == "cuda" else CPU_RESERVE_GIB) * GIB
     t["reserve"] = reserve
     static = t["weights"] + t["gradients"] + t["optimizer states"] + t.get("reference model", 0.0) + reserve
-    # CPU: colocated vLLM never sleeps, so its memory is held through the update too
-    held_in_update = gen_extra if (device == "cpu" and cfg.rollout.engine == "vllm") else 0.0
-    update = static + act + t["logprob chunks"] + t.get("zero-3 gathered layers", 0.0) + held_in_update
+    # CPU: colocated vLLM never sleeps, and glibc keeps the HF engine's freed KV cache in the process (RSS is a
+    # high-water mark), so the generation phase's memory is still counted during the update
+    held_in_update = gen_extra if device == "cpu" else 0.0
+    update = (static + act + t.get("prefix attention", 0.0) + t["logprob chunks"] + t.get("zero-3 gathered layers", 0.0)
+              + held_in_update)
     generation = static + gen_extra
     peak = max(update, generation)
     fits = memory_gib is None or peak <= memory_gib * GIB

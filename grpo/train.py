@@ -217,14 +217,6 @@ def _all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def resolve_layout(cfg: Config) -> str:
-    if cfg.optim.layout != "auto":
-        return cfg.optim.layout
-    if cfg.model.attn_implementation == "eager":  # grpo.prefix_attention shapes only registered attention
-        return "padded"
-    return "prefix"
-
-
 def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -> dict[str, float]:
     """Logprobs, loss, backward and optimizer step(s) on this rank's groups."""
     engine, world = st["engine"], st["world"]
@@ -245,7 +237,7 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
 
     # The gradient does not depend on the order. `prefix` keeps groups together (one prompt forward per group);
     # the other layouts sort by length so each micro-batch pads little.
-    layout = resolve_layout(cfg)
+    layout = cfg.layout()
     order = list(range(len(seqs)))
     if layout != "prefix":
         order.sort(key=lambda i: len(seqs[i].prompt_ids) + len(seqs[i].completion_ids))

@@ -54,15 +54,36 @@ def test_zero_stages_shard_the_right_terms():
 
 
 def test_activations_by_hand_and_checkpointing_shrinks_them():
-    cfg = _cfg("optim.micro_batch_size=4", "rollout.max_new_tokens=100", "data.max_prompt_tokens=156")
+    padded = ("optim.layout=padded", "optim.micro_batch_size=4", "rollout.max_new_tokens=100")
     s = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
     tokens = 4 * 256
-    act = plan(cfg, 1, 80, prompt_tokens=156).terms_gib["activations (one micro-batch)"]
+    p = plan(_cfg(*padded), 1, 80, prompt_tokens=156).terms_gib
+    act = p["activations (one micro-batch)"]
     assert act == pytest.approx(tokens * s.layers * 2 * (8 * 1536 + 4 * 8960) / GIB)
-    ck = plan(_cfg("optim.micro_batch_size=4", "rollout.max_new_tokens=100", "model.gradient_checkpointing=true"),
-              1, 80, prompt_tokens=156).terms_gib["activations (one micro-batch)"]
+    assert "prefix attention" not in p
+    ck = plan(_cfg(*padded, "model.gradient_checkpointing=true"), 1, 80,
+              prompt_tokens=156).terms_gib["activations (one micro-batch)"]
     assert ck == pytest.approx(tokens * (28 * 1536 * 2 + 2 * (8 * 1536 + 4 * 8960)) / GIB)
     assert ck < act / 10
+
+
+def test_prefix_layout_activations_by_hand():
+    """4 sequences of groups of 8 hold at most 2 distinct prompts: 2 x 156 + 4 x 100 = 712 tokens. The prefix
+    attention adds, per layer, the gathered keys and values (4 x 256 slots x 1536, expanded on CUDA) and queries
+    and outputs (4 x 100 x 1536), in bf16, plus the mask and its bias (4 x 100 x 256 x 3 bytes)."""
+    over = ("optim.micro_batch_size=4", "rollout.max_new_tokens=100")
+    p = plan(_cfg(*over), 1, 80, prompt_tokens=156).terms_gib
+    assert p["activations (one micro-batch)"] == pytest.approx(712 * 28 * 2 * (8 * 1536 + 4 * 8960) / GIB)
+    work = 2 * (2 * 4 * 256 * 1536 + 2 * 4 * 100 * 1536) + 4 * 100 * 256 * 3
+    assert p["prefix attention"] == pytest.approx(28 * work / GIB)
+    ck = plan(_cfg(*over, "model.gradient_checkpointing=true"), 1, 80, prompt_tokens=156).terms_gib
+    assert ck["prefix attention"] == pytest.approx(work / GIB)  # one layer at a time
+    cpu = plan(_cfg(*over, "model.gradient_checkpointing=true"), 1, None, prompt_tokens=156, device="cpu")
+    kv = 2 * 128  # CPU keeps the 2 grouped kv heads of 128
+    assert cpu.terms_gib["prefix attention"] == pytest.approx(
+        (2 * (2 * 4 * 256 * kv + 2 * 4 * 100 * 1536) + 4 * 100 * 256 * 3) / GIB)
+    one = plan(_cfg("optim.micro_batch_size=1", "rollout.max_new_tokens=100"), 1, 80, prompt_tokens=156)
+    assert one.terms_gib["activations (one micro-batch)"] == pytest.approx(256 * 28 * 2 * (8 * 1536 + 4 * 8960) / GIB)
 
 
 def test_colocated_vllm_holds_its_share_while_sampling():
