@@ -57,20 +57,16 @@ def build_micro_batch(seqs: list[Sequence], pad_id: int, layout: str = "prefix",
     if layout == "prefix":
         prompts: dict[tuple[int, ...], int] = {}
         owner = [prompts.setdefault(tuple(s.prompt_ids), len(prompts)) for s in seqs]
-        p_start = [0]
-        for p in prompts:
-            p_start.append(p_start[-1] + len(p))
         flat = [t for p in prompts for t in p]
         for i, s in enumerate(seqs):
-            c, off = len(s.completion_ids), len(flat)
+            c = len(s.completion_ids)
             flat += s.completion_ids
-            rows += [0] * c
-            cols += ([p_start[owner[i] + 1] - 1] + list(range(off, off + c - 1)))[:c]  # first token: prompt's end
             targets += s.completion_ids
             seq_index += [i] * c
             seq_len += [c] * c
-        prefix, position_ids = prefix_attention.build_layout([len(p) for p in prompts], owner,
-                                                             [len(s.completion_ids) for s in seqs], device)
+        prefix, position_ids, pred = prefix_attention.build_layout([len(p) for p in prompts], owner,
+                                                                   [len(s.completion_ids) for s in seqs], device)
+        rows, cols = [0] * len(pred), pred.tolist()
         ids = torch.tensor([flat])
         attention_mask = _NO_MASK.to(device)
     elif layout == "padded":

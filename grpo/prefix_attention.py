@@ -73,9 +73,10 @@ def native_gqa(device: torch.device) -> bool:
 
 
 def build_layout(prompt_lens: list[int], owner: list[int], comp_lens: list[int],
-                 device: torch.device | str = "cpu") -> tuple[PrefixLayout, torch.Tensor]:
+                 device: torch.device | str = "cpu") -> tuple[PrefixLayout, torch.Tensor, torch.Tensor]:
     """The layout of a flat stream holding prompts of `prompt_lens`, then completions of `comp_lens` (completion n
-    continues prompt `owner[n]`), and the stream's position ids [1, T] (completions continue their prompt's)."""
+    continues prompt `owner[n]`); the stream's position ids [1, T] (completions continue their prompt's); and, for
+    each completion token in order, the stream position that predicts it (its prompt's last token for the first)."""
     lp, lc = max(prompt_lens), max(comp_lens)
     u, n = len(prompt_lens), len(comp_lens)
     p_start = torch.tensor([0] + prompt_lens[:-1]).cumsum(0)
@@ -93,9 +94,10 @@ def build_layout(prompt_lens: list[int], owner: list[int], comp_lens: list[int],
     out_idx = torch.cat([(torch.arange(u)[:, None] * lp + jp[None])[p_ok],
                          u * lp + (torch.arange(n)[:, None] * lc + jc[None])[c_ok]])
     pos = torch.cat([jp[None].expand(u, lp)[p_ok], (pl[own][:, None] + jc[None])[c_ok]])
+    pred = torch.where(jc[None] == 0, (p_start + pl - 1)[own][:, None], c_start[:, None] + jc[None] - 1)[c_ok]
     layout = PrefixLayout(p_idx.to(device), c_idx.to(device), kv_idx.to(device), c_mask.to(device),
                           out_idx.to(device))
-    return layout, pos[None].to(device)
+    return layout, pos[None].to(device), pred
 
 
 def _wrap(name: str) -> None:

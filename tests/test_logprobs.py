@@ -89,8 +89,10 @@ def test_prefix_layout_by_hand():
     p0 p0 | p1 | c0 c0 | c1 | c2 c2 c2, at flat positions 0 1 | 2 | 3 4 | 5 | 6 7 8."""
     from grpo.prefix_attention import build_layout
 
-    lay, pos = build_layout([2, 1], [0, 0, 1], [2, 1, 3])
+    lay, pos, pred = build_layout([2, 1], [0, 0, 1], [2, 1, 3])
     assert pos.tolist() == [[0, 1, 0, 2, 3, 2, 1, 2, 3]]
+    # each completion's first token is predicted by its prompt's last position, the rest by their predecessor
+    assert pred.tolist() == [1, 3, 1, 2, 6, 7]
     assert lay.p_idx.tolist() == [[0, 1], [2, 0]]
     assert lay.c_idx.tolist() == [[3, 4, 0], [5, 0, 0], [6, 7, 8]]
     assert lay.kv_idx[2].tolist() == [2, 0, 6, 7, 8]
