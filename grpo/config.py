@@ -49,8 +49,9 @@ class DataConfig:
     task_args: dict[str, Any] = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
     path: str | None = None  # hf: hub name or local file
     subset: str | None = None  # hf: the data set's configuration name (e.g. "main" for openai/gsm8k)
-    split: str = "train"
-    prompt_column: str = "question"
+    split: str = "train"  # hf and local folders: which split
+    revision: str | None = None  # hf: a hub data set's branch, tag or commit
+    prompt_column: str = "question"  # text, or TRL's conversational format (a list of {role, content} messages)
     answer_column: str = "answer"
     answer_pattern: str | None = None  # hf: regex whose group 1 is the gold answer (GSM8K: "####\\s*(.+)$")
     system_prompt: str | None = None
@@ -152,7 +153,8 @@ class RewardConfig:
 
     name: str = ""
     weight: float = 1.0
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)  # passed on every call
+    init: dict[str, Any] = field(default_factory=dict)  # a factory's arguments (TRL / open-r1 `get_*_reward(...)`)
     timeout: float = 10.0  # seconds per completion (scored in worker processes); past it: a timeout, not a 0
 
 

@@ -23,11 +23,30 @@ log = logging.getLogger(__name__)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+# Row keys that are never passed to rewards as columns (TRL leaves out the same; `prompts` is passed by name).
+NOT_REWARD_COLUMNS = ("prompt_id", "prompt", "prompt_ids", "prompt_messages", "completion", "completion_ids")
+
+
 @dataclass
 class PromptSet:
-    rows: list[dict[str, Any]]  # columns + prompt_id, prompt, prompt_ids
+    rows: list[dict[str, Any]]  # columns + prompt_id, prompt (rendered text), prompt_ids, prompt_messages
     columns: list[str]  # the data set's own columns (what rewards may ask for)
     dropped_too_long: list[str]  # prompt ids
+    conversational: bool = False  # prompts were lists of messages: rewards get completions as messages too
+
+
+def as_messages(value: Any, where: str) -> list[dict[str, str]] | None:
+    """A prompt given as a list of chat messages (TRL's conversational format), checked; None for plain text."""
+    if isinstance(value, str):
+        return None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        for i, m in enumerate(value):
+            if m.get("role") not in ("system", "user", "assistant", "tool") or not isinstance(m.get("content"), str):
+                raise ConfigError(f"{where}: message {i} needs a role (system/user/assistant/tool) and a text "
+                                  f"content, got {dict(m)!r:.120}")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ConfigError(f"{where}: a prompt must be text or a list of chat messages ({{'role', 'content'}}), got "
+                      f"{type(value).__name__} {value!r:.80}")
 
 
 def load_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -70,15 +89,18 @@ def _hf_rows(cfg: DataConfig):
     assert path is not None
     p = Path(path).expanduser()
     try:
-        if p.exists():
+        if p.is_dir():
+            ds = _load_folder(p, cfg)
+        elif p.exists():
             fmt = LOCAL_FORMATS.get(p.suffix.lower())
             if fmt is None:
-                raise ConfigError(f"data.path: {p}: unsupported file type (use {', '.join(LOCAL_FORMATS)})")
+                raise ConfigError(f"data.path: {p}: unsupported file type (use {', '.join(LOCAL_FORMATS)}, a "
+                                  "save_to_disk folder or a folder of data files)")
             ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
         elif path.startswith((".", "/", "~")):
             raise ConfigError(f"data.path: {path} does not exist")
         else:
-            ds = datasets.load_dataset(path, cfg.subset, split=cfg.split)
+            ds = datasets.load_dataset(path, cfg.subset, split=cfg.split, revision=cfg.revision)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; name the file
@@ -92,11 +114,17 @@ def _hf_rows(cfg: DataConfig):
     pattern = re.compile(cfg.answer_pattern, re.S) if cfg.answer_pattern else None
     unmatched = 0
     for i, x in enumerate(ds):
-        row = {k: (v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, default=str))
+        # Nested values travel as JSON text (records and workers take plain values); a conversational prompt
+        # column stays a list of messages, checked here so that a bad row is named before training.
+        row = {k: (v if isinstance(v, (str, int, float, bool)) or v is None
+                   or (k == cfg.prompt_column and as_messages(v, f"data: {path} row {i} column {k!r}") is not None)
+                   else json.dumps(v, default=str))
                for k, v in x.items()}
         row["prompt_id"] = f"row-{i}"
         if cfg.prompt_column != "question":
-            row.setdefault("question", row[cfg.prompt_column])
+            given = row[cfg.prompt_column]
+            users = [m["content"] for m in given if m["role"] == "user"] if isinstance(given, list) else [given]
+            row.setdefault("question", users[-1] if users else "")
         if cfg.answer_column != "answer":
             row["answer"] = row[cfg.answer_column]
         if pattern is not None:
@@ -119,32 +147,62 @@ def _hf_rows(cfg: DataConfig):
     return train[: cfg.num_train], held
 
 
+def _load_folder(p: Path, cfg: DataConfig):
+    """A local folder: `save_to_disk` output (a Dataset or a DatasetDict, whose `data.split` is taken), or a folder
+    of data files as a downloaded hub repository holds them (parquet/jsonl/csv, split by file name)."""
+    import datasets
+
+    if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise ConfigError(f"data.split: {cfg.split!r} is not a split of {p} (splits: {sorted(ds)})")
+            ds = ds[cfg.split]
+        return ds
+    return datasets.load_dataset(str(p), cfg.subset, split=cfg.split)
+
+
 def render(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer) -> PromptSet:
-    """Apply the prompt template and chat template; drop (and report) prompts over the token limit."""
+    """Apply the prompt template (text prompts) or take the messages as they are (conversational prompts, TRL's
+    format: system/user/assistant turns kept; a final assistant turn is continued), then the chat template; drop
+    (and report) prompts over the token limit."""
     if not rows:
         raise ConfigError("data: the training split is empty")
     out, dropped = [], []
+    kinds = set()
     for row in rows:
-        try:
-            user = cfg.prompt_template.format(**row)
-        except KeyError as e:
-            raise ConfigError(f"data.prompt_template: no column {e.args[0]!r} (columns: {sorted(row)})") from None
-        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else [])
-        messages.append({"role": "user", "content": user})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        given = as_messages(row.get(cfg.prompt_column), f"data: prompt {row['prompt_id']} column "
+                            f"{cfg.prompt_column!r}") if cfg.prompt_column in row else None
+        kinds.add(given is not None)
+        if given is not None:
+            messages = list(given)
+            if cfg.system_prompt is not None and messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+        else:
+            try:
+                user = cfg.prompt_template.format(**row)
+            except KeyError as e:
+                raise ConfigError(f"data.prompt_template: no column {e.args[0]!r} (columns: {sorted(row)})") from None
+            messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else [])
+            messages.append({"role": "user", "content": user})
+        cont = messages[-1]["role"] == "assistant"
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not cont,
+                                             continue_final_message=cont)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_prompt_tokens:
             dropped.append(row["prompt_id"])
             continue
-        out.append({**row, "prompt": text, "prompt_ids": ids})
+        out.append({**row, "prompt": text, "prompt_ids": ids, "prompt_messages": messages})
+    if len(kinds) > 1:
+        raise ConfigError(f"data: column {cfg.prompt_column!r} mixes text prompts and message lists")
     if dropped:
         log.warning("data: %d prompt(s) longer than data.max_prompt_tokens=%d were dropped (not cut): %s",
                     len(dropped), cfg.max_prompt_tokens, ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10
                                                                                      else ""))
     if not out:
         raise ConfigError(f"data: every prompt is longer than data.max_prompt_tokens={cfg.max_prompt_tokens}")
-    columns = sorted(k for k in rows[0] if k not in ("prompt_id",))
-    return PromptSet(out, columns, dropped)
+    columns = sorted(k for k in rows[0] if k not in NOT_REWARD_COLUMNS)
+    return PromptSet(out, columns, dropped, conversational=kinds == {True})
 
 
 class PromptSampler:

@@ -31,7 +31,7 @@ import yaml
 from grpo import checkpoint as ckpt
 from grpo.advantages import ADVANTAGES, zero_variance_groups
 from grpo.config import Config, ConfigError, to_dict
-from grpo.data import PromptSampler, load_rows, render
+from grpo.data import PromptSampler, PromptSet, load_rows, render
 from grpo.engine import build_policy_engine, build_reference, check_device_options, init_distributed, pick_device
 from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
 from grpo.loss import policy_loss, token_weights, truncated_is_weights
@@ -39,7 +39,7 @@ from grpo.model import load_model, load_tokenizer, resolve_model_path
 from grpo.rollout import Completion, HFEngine, SamplingParams, stop_ids
 from grpo.tracking import Metrics, write_records
 from rewards.pool import WorkerPool
-from rewards.runner import Reward, Scores, build_rewards, check_columns, score
+from rewards.runner import Reward, Scores, TrainerState, build_rewards, check_columns, score
 
 log = logging.getLogger("grpo")
 
@@ -158,13 +158,21 @@ def build_rollout(cfg: Config, model: torch.nn.Module, tok, model_path: str, dev
 # ------------------------------------------------------------------------------------------------ phases
 
 def score_groups(rows: list[dict[str, Any]], comps: list[list[Completion]], rewards: list[Reward],
-                 columns: list[str], advantage: str, pool: WorkerPool | None = None) -> tuple[list[Group], Scores]:
+                 prompts: PromptSet, advantage: str, pool: WorkerPool | None = None,
+                 state: TrainerState | None = None) -> tuple[list[Group], Scores]:
+    """Score every completion with TRL's calling convention (prompts, completions as text or as assistant messages
+    for a conversational data set, completion ids, the row's columns), then group-relative advantages."""
     flat = [c for g in comps for c in g]
-    cols = {k: [row[k] for row, g in zip(rows, comps, strict=True) for _ in g] for k in columns}
+    G = len(comps[0])
+    cols = {k: [row[k] for row, g in zip(rows, comps, strict=True) for _ in g] for k in prompts.columns}
+    cols["prompts"] = [row["prompt_messages"] if prompts.conversational else row["prompt"]
+                       for row, g in zip(rows, comps, strict=True) for _ in g]
+    cols["completion_ids"] = [c.ids for c in flat]
     cols["num_tokens"] = [len(c.ids) for c in flat]
     cols["finish_reason"] = [c.finish_reason for c in flat]
-    s = score(rewards, [c.text for c in flat], cols, pool)
-    G = len(comps[0])
+    texts = [c.text for c in flat]
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if prompts.conversational else texts
+    s = score(rewards, completions, cols, pool, state, group_size=G)
     total = torch.tensor(s.total, dtype=torch.float64).view(len(rows), G)
     adv = ADVANTAGES[advantage](total)
     groups = []
@@ -192,8 +200,9 @@ def collect(cfg: Config, st: dict[str, Any], sampler: PromptSampler, timer: Time
         with timer("generate"):
             comps = st["rollout"].generate([row["prompt_ids"] for row in mine], r.num_generations, params)
         with timer("score"):
-            groups, sc = score_groups(mine, comps, st["rewards"], st["prompts"].columns, cfg.algo.advantage,
-                                      st["pool"])
+            state = TrainerState(st["step"], cfg.steps, sampler.epoch + sampler.pos / max(sampler.size, 1))
+            groups, sc = score_groups(mine, comps, st["rewards"], st["prompts"], cfg.algo.advantage, st["pool"],
+                                      state)
         for k in sc.errors:
             st["reward_errors"][k] = st["reward_errors"].get(k, 0) + sc.errors[k]
             st["reward_timeouts"][k] = st["reward_timeouts"].get(k, 0) + sc.timeouts[k]
@@ -346,7 +355,8 @@ def evaluate(cfg: Config, st: dict[str, Any], step: int, run_dir: Path) -> dict[
     records, correct, solved, rew_sum, n = [], 0.0, 0.0, 0.0, 0
     acc_name = "accuracy" if any(r.name == "accuracy" for r in st["rewards"]) else st["rewards"][0].name
     if rows:
-        groups, _ = score_groups(rows, comps, st["rewards"], held.columns, "drgrpo", st["pool"])
+        groups, _ = score_groups(rows, comps, st["rewards"], held, "drgrpo", st["pool"],
+                                 TrainerState(step, cfg.steps))
         for g in groups:
             hits = [g.rewards[acc_name][j] == 1.0 for j in range(k)]
             correct += sum(hits)
@@ -549,6 +559,7 @@ def train(cfg: Config) -> Path:
         for step in range(start + 1, cfg.steps + 1):
             timer, t0 = Timer(), time.perf_counter()
             st["reward_errors"], st["reward_timeouts"] = {}, {}
+            st["step"] = step
             groups, rounds = collect(cfg, st, sampler, timer)  # generate + score + advantages
             release(st["rollout"])  # a colocated vLLM engine frees its GPU memory for the update
             upd = update(cfg, st, groups, timer)  # logprobs + loss + backward + step

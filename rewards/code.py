@@ -2,8 +2,13 @@
 
 `tests` (a data set column: a JSON string or the parsed object) is either
 - asserts: `["assert f(1) == 2", ...]` or `{"asserts": [...], "setup": "import math"}`, or
-- stdin/stdout pairs: `{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}`.
-Empty or missing tests make the reward not applicable (None): `all([])` is True, but nothing was checked.
+- stdin/stdout pairs: `{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}` (a `null` input is empty stdin), or
+- call-based (APPS / TACO / LiveCodeBench / verl's prime_code): the same with `"fn_name": "f"`; each input is the
+  call's arguments, one JSON value per line (or a list of them), each output the JSON of the return value. The
+  function is a top-level `def f`, else a method of a LeetCode-style `class Solution` (instantiated with no
+  arguments). A one-element list output also accepts its element (APPS wraps return values that way).
+Empty or missing tests make the reward not applicable (None): `all([])` is True, but nothing was checked. A test
+format it does not know is an error (naming the keys it got), never a 0.
 
 The verdict is never taken from inside the sandbox. For `assert EXPR == LITERAL` the sandbox only evaluates EXPR
 and prints its value as plain JSON; the parent compares it with the literal, which never enters the sandbox (so an
@@ -19,8 +24,10 @@ import json
 import math
 import re
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
+from rewards.math import completion_texts
 from rewards.sandbox import Limits, run_python
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -63,10 +70,33 @@ run(ns)
 '''
 
 
-def extract_code(text: str) -> str | None:
-    """The last fenced Python block, else None (prose is not code)."""
+def extract_code(text: str, unfenced: bool = False) -> str | None:
+    """The last fenced Python block, else None (prose is not code); with `unfenced`, a completion without any
+    fence is taken whole as the program (for prompts that ask for bare code)."""
     blocks = _FENCE.findall(text)
-    return blocks[-1] if blocks else None
+    if blocks:
+        return blocks[-1]
+    return text if unfenced and "```" not in text and text.strip() else None
+
+
+def _call_args(raw: Any) -> list[Any]:
+    """A call-based test's arguments: a list as is, or a string holding one JSON value per line."""
+    if isinstance(raw, list):
+        return raw
+    lines = [ln for ln in str(raw).split("\n") if ln.strip()]
+    try:
+        return [json.loads(ln) for ln in lines]
+    except ValueError as e:
+        raise ValueError(f"tests: a call-based input line is not JSON ({e}): {str(raw)[:80]!r}") from None
+
+
+def _call_expected(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"tests: a call-based output is not JSON ({e}): {raw[:80]!r}") from None
+    return raw
 
 
 def parse_tests(tests: Any) -> dict[str, Any] | None:
@@ -81,14 +111,26 @@ def parse_tests(tests: Any) -> dict[str, Any] | None:
         tests = {"asserts": tests}
     if not isinstance(tests, dict):
         raise ValueError(f"tests: expected a list or a mapping, got {type(tests).__name__}")
-    if tests.get("asserts"):
-        return {"asserts": [str(a) for a in tests["asserts"]], "setup": str(tests.get("setup", ""))}
-    if tests.get("inputs") is not None and tests.get("outputs") is not None:
-        ins, outs = list(tests["inputs"]), list(tests["outputs"])
+    if "asserts" in tests:
+        asserts = list(tests["asserts"] or [])
+        return {"asserts": [str(a) for a in asserts], "setup": str(tests.get("setup", ""))} if asserts else None
+    if "inputs" in tests and "outputs" in tests:
+        ins, outs = list(tests["inputs"] or []), list(tests["outputs"] or [])
         if len(ins) != len(outs):
             raise ValueError(f"tests: {len(ins)} inputs but {len(outs)} outputs")
-        return {"inputs": ins, "outputs": outs} if ins else None
-    return None
+        if not ins:
+            return None
+        fn_name = tests.get("fn_name")
+        if fn_name:
+            if not str(fn_name).isidentifier():
+                raise ValueError(f"tests: fn_name {fn_name!r} is not a Python name")
+            return {"fn_name": str(fn_name), "args": [_call_args(i) for i in ins],
+                    "expected": [_call_expected(o) for o in outs]}
+        return {"inputs": ["" if i is None else i for i in ins], "outputs": outs}
+    if not tests:
+        return None
+    raise ValueError(f"tests: unsupported format with keys {sorted(tests)} (expected a list of asserts, "
+                     "{'asserts': [...]}, or {'inputs': [...], 'outputs': [...]} with an optional 'fn_name')")
 
 
 def _split_assert(test: str) -> tuple[str, Any, bool]:
@@ -130,10 +172,48 @@ def _equal(got: Any, expected: Any) -> bool:
     return type(got) is type(expected) and got == expected
 
 
+def _call_target(code: str, fn_name: str) -> str:
+    """How to call the candidate's function: a top-level `def`, else a method of `class Solution`."""
+    try:
+        body = ast.parse(code).body
+    except (SyntaxError, ValueError):
+        return fn_name  # the run fails on the syntax error and every test with it
+    if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == fn_name for n in body):
+        return fn_name
+    for n in body:
+        if isinstance(n, ast.ClassDef) and n.name == "Solution":
+            return f"Solution().{fn_name}"
+    return fn_name
+
+
+def _run_calls(code: str, spec: dict[str, Any], limits: Limits) -> list[bool]:
+    target = _call_target(code, spec["fn_name"])
+    parts = [(f"{target}(*{args!r})", expected, True) for args, expected in zip(spec["args"], spec["expected"],
+                                                                                strict=True)]
+    results = _run_exprs(code, parts, "", limits)
+    out = []
+    for (_, expected, _), got in zip(parts, results, strict=True):
+        ok = got is not _FAILED and (_equal(got, _canon(expected))
+                                     or (isinstance(expected, list) and len(expected) == 1
+                                         and _equal(got, _canon(expected[0]))))
+        out.append(bool(ok))
+    return out
+
+
+_FAILED = object()
+
+
 def _run_asserts(code: str, spec: dict[str, Any], limits: Limits) -> list[bool]:
     parts = [_split_assert(a) for a in spec["asserts"]]
+    results = _run_exprs(code, parts, spec["setup"], limits)
+    return [got is not _FAILED and _equal(got, _canon(expected))
+            for (_, expected, _), got in zip(parts, results, strict=True)]
+
+
+def _run_exprs(code: str, parts: list[tuple[str, Any, bool]], setup: str, limits: Limits) -> list[Any]:
+    """Each expression's value as the sandbox reported it (plain JSON), or _FAILED."""
     nonce = "GRPO-" + secrets.token_hex(16)
-    tests = {"nonce": nonce, "setup": spec["setup"], "exprs": [p[0] for p in parts]}
+    tests = {"nonce": nonce, "setup": setup, "exprs": [p[0] for p in parts]}
     r = run_python(_HARNESS, limits=limits, files={"tests.json": json.dumps(tests), "candidate.py": code})
     seen: dict[int, list[dict]] = {}
     for line in r.stdout.splitlines():
@@ -142,13 +222,13 @@ def _run_asserts(code: str, spec: dict[str, Any], limits: Limits) -> list[bool]:
                 msg = json.loads(line[len(nonce) + 1 :])
                 seen.setdefault(int(msg["i"]), []).append(msg)
             except (ValueError, KeyError, TypeError):
-                return [False] * len(parts)
+                return [_FAILED] * len(parts)
     if any(len(v) != 1 for v in seen.values()):
-        return [False] * len(parts)  # a forged or repeated report: nothing from this run is trusted
+        return [_FAILED] * len(parts)  # a forged or repeated report: nothing from this run is trusted
     out = []
-    for i, (_, expected, _literal) in enumerate(parts):
+    for i in range(len(parts)):
         msg = seen.get(i, [None])[0]
-        out.append(bool(msg and msg["ok"] and _equal(msg["v"], _canon(expected))))
+        out.append(msg["v"] if msg and msg["ok"] else _FAILED)
     return out
 
 
@@ -168,23 +248,25 @@ def _run_io(code: str, spec: dict[str, Any], limits: Limits) -> list[bool]:
     return out
 
 
-def code_tests(completions: list[str], tests: list[Any], mode: str = "fraction", timeout: float = 5.0,
-               memory_mb: int = 512, **_) -> list[float | None]:
-    """Fraction of the row's tests the completion's code passes (`mode: all` for all-or-nothing)."""
+def code_tests(completions: Sequence[Any], tests: list[Any], mode: str = "fraction", timeout: float = 5.0,
+               memory_mb: int = 512, unfenced: bool = False, **_) -> list[float | None]:
+    """Fraction of the row's tests the completion's code passes (`mode: all` for all-or-nothing). `unfenced: true`
+    takes a completion without a code fence whole as the program."""
     if mode not in ("fraction", "all"):
         raise ValueError(f"code_tests: mode must be 'fraction' or 'all', got {mode!r}")
     limits = Limits(wall_seconds=timeout, cpu_seconds=max(1, math.ceil(timeout)), memory_mb=memory_mb)
     scores: list[float | None] = []
-    for text, t in zip(completions, tests, strict=True):
+    for text, t in zip(completion_texts(completions), tests, strict=True):
         spec = parse_tests(t)
         if spec is None:
             scores.append(None)
             continue
-        code = extract_code(text)
+        code = extract_code(text, unfenced)
         if code is None:
             scores.append(0.0)
             continue
-        passed = _run_asserts(code, spec, limits) if "asserts" in spec else _run_io(code, spec, limits)
+        run = _run_asserts if "asserts" in spec else _run_calls if "fn_name" in spec else _run_io
+        passed = run(code, spec, limits)
         frac = sum(passed) / len(passed)
         scores.append(frac if mode == "fraction" else float(frac == 1.0))
     return scores

@@ -11,21 +11,34 @@ import math
 import operator
 import re
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-from rewards.math import accuracy
+from rewards.math import accuracy, completion_texts
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _WORD = re.compile(r"\S+")
 
 
-def tag_count(completions: list[str], **_) -> list[float | None]:
+def tag_count(completions: Sequence[Any], **_) -> list[float | None]:
     """0.25 for each of <think>, </think>, <answer>, </answer> that appears exactly once (partial credit)."""
-    return [sum(0.25 for t in TAGS if c.count(t) == 1) for c in completions]
+    return [sum(0.25 for t in TAGS if c.count(t) == 1) for c in completion_texts(completions)]
 
 
-def soft_overlong(completions: list[str], num_tokens: list[int], max_tokens: int, buffer: int,
+# Markers of an explicit step: "Step 1:", a numbered line, a bullet, an ordinal word (open-r1's list).
+_STEP = re.compile(r"Step \d+:|^\d+\.|\n\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,")
+
+
+def reasoning_steps(completions: Sequence[Any], min_steps: int = 3, **_) -> list[float | None]:
+    """Share of `min_steps` explicit step markers present, capped at 1 (open-r1's `reasoning_steps_reward`, which
+    also counts numbered lines after the first)."""
+    if min_steps < 1:
+        raise ValueError(f"reasoning_steps: min_steps must be >= 1, got {min_steps}")
+    return [min(1.0, len(_STEP.findall(c)) / min_steps) for c in completion_texts(completions)]
+
+
+def soft_overlong(completions: Sequence[Any], num_tokens: list[int], max_tokens: int, buffer: int,
                   **_) -> list[float | None]:
     """DAPO's soft overlong penalty: 0 up to max_tokens - buffer, then linear down to -1 at max_tokens, -1 beyond."""
     if not 0 < buffer <= max_tokens:
@@ -40,7 +53,7 @@ def soft_overlong(completions: list[str], num_tokens: list[int], max_tokens: int
 soft_overlong.columns = ("num_tokens",)
 
 
-def cosine_length(completions: list[str], answer: list[str], num_tokens: list[int], max_tokens: int,
+def cosine_length(completions: Sequence[Any], answer: list[str], num_tokens: list[int], max_tokens: int,
                   correct_short: float = 1.0, correct_long: float = 0.5, wrong_short: float = -0.5,
                   wrong_long: float = 0.0, extract: str = "last_number", **_) -> list[float | None]:
     """Correctness scaled by length on a half cosine (Yeo et al., 2025): a right answer pays more when short, a
@@ -60,14 +73,41 @@ def cosine_length(completions: list[str], answer: list[str], num_tokens: list[in
 cosine_length.columns = ("answer", "num_tokens")
 
 
-def repetition_penalty(completions: list[str], ngram: int = 3, max_penalty: float = -1.0,
-                       **_) -> list[float | None]:
-    """max_penalty x the share of repeated word n-grams (0 for text shorter than one n-gram)."""
+def len_reward(completions: Sequence[Any], answer: list[str], num_tokens: list[int], extract: str = "last_number",
+               **_) -> list[float | None]:
+    """Kimi 1.5's length reward, relative to the other completions of the same prompt: with lambda = 0.5 -
+    (len - shortest) / (longest - shortest), a right answer gets lambda and a wrong one min(0, lambda); all 0 when
+    every length is equal. Lengths in tokens. A sample whose gold is unparseable is not applicable (open-r1 counts
+    it as right). The trainer calls it once per group (`batched`)."""
+    acc = accuracy(completions, answer, extract=extract)
+    lo, hi = (min(num_tokens), max(num_tokens)) if num_tokens else (0, 0)
+    out: list[float | None] = []
+    for a, n in zip(acc, num_tokens, strict=True):
+        lam = 0.0 if hi == lo else 0.5 - (n - lo) / (hi - lo)
+        out.append(None if a is None else (lam if a == 1.0 else min(0.0, lam)))
+    return out
+
+
+len_reward.columns = ("answer", "num_tokens")
+len_reward.batched = True
+
+
+def repetition_penalty(completions: Sequence[Any], ngram: int = 3, max_penalty: float = -1.0, unit: str = "words",
+                       completion_ids: list[list[int]] | None = None, **_) -> list[float | None]:
+    """max_penalty x the share of repeated n-grams (0 for text shorter than one n-gram). `unit: words` counts
+    lower-cased words (open-r1), `unit: tokens` the completion's token ids (TRL)."""
     if max_penalty > 0:
         raise ValueError(f"repetition_penalty: max_penalty must be <= 0, got {max_penalty}")
+    if unit not in ("words", "tokens"):
+        raise ValueError(f"repetition_penalty: unit must be 'words' or 'tokens', got {unit!r}")
+    if unit == "tokens":
+        if completion_ids is None:
+            raise ValueError("repetition_penalty: unit 'tokens' needs completion_ids")
+        seqs: list[list[Any]] = [list(ids) for ids in completion_ids]
+    else:
+        seqs = [_WORD.findall(c.lower()) for c in completion_texts(completions)]
     out = []
-    for c in completions:
-        words = _WORD.findall(c)
+    for words in seqs:
         grams = [tuple(words[i : i + ngram]) for i in range(len(words) - ngram + 1)]
         out.append(0.0 if not grams else max_penalty * (1.0 - len(set(grams)) / len(grams)))
     return out
@@ -96,11 +136,11 @@ def _meta(metadata: Any) -> dict[str, Any]:
     return dict(metadata or {})
 
 
-def countdown(completions: list[str], metadata: list[Any], **_) -> list[float | None]:
+def countdown(completions: Sequence[Any], metadata: list[Any], **_) -> list[float | None]:
     """1.0 when the expression (inside <answer>, else the last line) uses each given number at most once, only
     + - * /, and equals the target. Reads `numbers` and `target` from the row's metadata."""
     out: list[float | None] = []
-    for c, m in zip(completions, metadata, strict=True):
+    for c, m in zip(completion_texts(completions), metadata, strict=True):
         meta = _meta(m)
         if "numbers" not in meta or "target" not in meta:
             out.append(None)
@@ -125,7 +165,7 @@ def countdown(completions: list[str], metadata: list[Any], **_) -> list[float | 
 countdown.columns = ("metadata",)
 
 
-def reasoning_gym_verifier(completions: list[str], question: list[str], answer: list[str], metadata: list[Any],
+def reasoning_gym_verifier(completions: Sequence[Any], question: list[str], answer: list[str], metadata: list[Any],
                            extract: str = "answer_tag", **_) -> list[float | None]:
     """Any reasoning-gym task's own scorer. The candidate answer is the last <answer>...</answer> (`answer_tag`),
     the last non-empty line (`final_line`) or the whole completion (`full`)."""
@@ -135,7 +175,7 @@ def reasoning_gym_verifier(completions: list[str], question: list[str], answer: 
         raise ValueError(f"reasoning_gym_verifier: extract must be answer_tag, final_line or full, got {extract!r}")
     out: list[float | None] = []
     cache: dict[str, Any] = {}
-    for c, q, a, m in zip(completions, question, answer, metadata, strict=True):
+    for c, q, a, m in zip(completion_texts(completions), question, answer, metadata, strict=True):
         meta = _meta(m)
         task = meta.get("source_dataset")
         if not task:

@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from rewards import get_reward, required_columns
+from rewards import BoundReward, get_reward, required_columns
 from rewards.format import number_only, think_answer
 from rewards.math import accuracy, extract_answer
-from rewards.runner import build_rewards, check_columns, score
+from rewards.runner import Reward, build_rewards, check_columns, score
 
 
 class Spec:
@@ -115,8 +115,7 @@ def test_runner_keeps_errors_apart_from_zeros(monkeypatch):
     assert s.errors == {"accuracy": 0, f"{mod.__name__}:_half": 0}
 
     monkeypatch.setitem(__import__("rewards").REGISTRY, "boom", _boom)
-    rs = [r for r in build_rewards([Spec("accuracy")])] + [
-        __import__("rewards.runner", fromlist=["Reward"]).Reward("boom", _boom, 1.0)]
+    rs = [r for r in build_rewards([Spec("accuracy")])] + [Reward("boom", BoundReward(f"{mod.__name__}:_boom"), 1.0)]
     s = score(rs, ["7", "8"], {"answer": ["7", "7"]})
     assert s.errors["boom"] == 2
     assert all(math.isnan(t) for t in s.total)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from rewards import BoundReward
 from rewards.math import accuracy
 from rewards.pool import WorkerPool
 from rewards.runner import Reward, build_rewards, score
@@ -86,7 +87,7 @@ def test_runner_with_pool_costs_only_the_hanging_sample(pool):
 
 
 def test_runner_in_process_and_pooled_agree(pool):
-    rs = [Reward("tag_count", tag_count), Reward("rep", repetition_penalty, 0.5)]
+    rs = [Reward("tag_count", BoundReward("tag_count")), Reward("rep", BoundReward("repetition_penalty"), 0.5)]
     comps = ["<think>a b c a b c</think><answer>1</answer>", "", "x y z"]
     a = score(rs, comps, {})
     b = score(rs, comps, {}, pool)
