@@ -1,7 +1,8 @@
 """Code execution reward: the completion's last Python block runs against the row's test cases, in the sandbox.
 
 `tests` (a data set column: a JSON string or the parsed object) is either
-- asserts: `["assert f(1) == 2", ...]` or `{"asserts": [...], "setup": "import math"}`, or
+- asserts: `["assert f(1) == 2", ...]` or `{"asserts": [...], "setup": "import math"}` (`assert_case`, Sandbox
+  Fusion's key, is read the same), or
 - stdin/stdout pairs: `{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}` (a `null` input is empty stdin), or
 - call-based (APPS / TACO / LiveCodeBench / verl's prime_code): the same with `"fn_name": "f"`; each input is the
   call's arguments, one JSON value per line (or a list of them), each output the JSON of the return value. The
@@ -29,6 +30,12 @@ from typing import Any
 
 from rewards.math import completion_texts
 from rewards.sandbox import Limits, run_python
+
+# Call-based problems (LeetCode, APPS, LiveCodeBench) are written against a judge that has already imported the
+# usual modules (`List`, `defaultdict`, `heapq` without an import line); peers' harnesses do the same.
+_CALL_PRELUDE = ("from typing import *\nfrom collections import *\nimport bisect, collections, functools, heapq, "
+                 "itertools, math, operator, re, string\nfrom functools import lru_cache, reduce\n"
+                 "from itertools import accumulate, combinations, permutations, product\n")
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -111,8 +118,8 @@ def parse_tests(tests: Any) -> dict[str, Any] | None:
         tests = {"asserts": tests}
     if not isinstance(tests, dict):
         raise ValueError(f"tests: expected a list or a mapping, got {type(tests).__name__}")
-    if "asserts" in tests:
-        asserts = list(tests["asserts"] or [])
+    if "asserts" in tests or "assert_case" in tests:  # ours, and Sandbox Fusion's name for the same
+        asserts = list(tests.get("asserts") or tests.get("assert_case") or [])
         return {"asserts": [str(a) for a in asserts], "setup": str(tests.get("setup", ""))} if asserts else None
     if "inputs" in tests and "outputs" in tests:
         ins, outs = list(tests["inputs"] or []), list(tests["outputs"] or [])
@@ -190,7 +197,7 @@ def _run_calls(code: str, spec: dict[str, Any], limits: Limits) -> list[bool]:
     target = _call_target(code, spec["fn_name"])
     parts = [(f"{target}(*{args!r})", expected, True) for args, expected in zip(spec["args"], spec["expected"],
                                                                                 strict=True)]
-    results = _run_exprs(code, parts, "", limits)
+    results = _run_exprs(code, parts, _CALL_PRELUDE, limits)
     out = []
     for (_, expected, _), got in zip(parts, results, strict=True):
         ok = got is not _FAILED and (_equal(got, _canon(expected))
