@@ -52,11 +52,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from rewards import REGISTRY
+    from rewards import BoundReward
 
-    acc = [Reward("accuracy", REGISTRY["accuracy"])]
-    boxed = [Reward("accuracy", __import__("functools").partial(REGISTRY["accuracy"], extract="boxed"))]
-    code = [Reward("code_tests", REGISTRY["code_tests"], timeout=30)]
+    acc = [Reward("accuracy", BoundReward("accuracy"))]
+    boxed = [Reward("accuracy", BoundReward("accuracy", args={"extract": "boxed"}))]
+    code = [Reward("code_tests", BoundReward("code_tests"), timeout=30)]
     mc, mcols = math_batch(args.n)
     cc, ccols = code_batch(max(20, args.n // 5))
     rows = []

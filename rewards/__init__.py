@@ -74,7 +74,9 @@ def get_reward(name: str) -> RewardFn:
 
 
 @functools.lru_cache(maxsize=64)
-def _resolve(name: str, init_json: str) -> RewardFn:
+def _resolve(name: str, init_json: str) -> tuple[RewardFn, frozenset[str] | None]:
+    """The reward function (built by its factory when `init` is given) and the keywords it accepts; once per
+    process, since a reward travels to the workers by name with every call."""
     fn = get_reward(name)
     init = json.loads(init_json)
     if init:
@@ -84,7 +86,7 @@ def _resolve(name: str, init_json: str) -> RewardFn:
             raise KeyError(f"reward {name!r}: init {init} does not build a reward ({e})") from None
         if not callable(fn):
             raise KeyError(f"reward {name!r}: calling it with init {init} returned {type(fn).__name__}, not a reward")
-    return fn
+    return fn, accepted_keywords(fn)
 
 
 def accepted_keywords(fn: RewardFn) -> frozenset[str] | None:
@@ -107,15 +109,21 @@ class BoundReward:
         self._init_json = json.dumps(self.init, sort_keys=True)
         fn = self.fn  # resolve now: an unknown name or a bad factory fails at start-up
         self.batched = bool(getattr(fn, "batched", False))
-        self.columns = required_columns(fn, skip=self.args)
+        self._columns: tuple[str, ...] | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Data set columns the reward needs (its `args` supply the rest)."""
+        if self._columns is None:
+            self._columns = required_columns(self.fn, skip=self.args)
+        return self._columns
 
     @property
     def fn(self) -> RewardFn:
-        return _resolve(self.name, self._init_json)
+        return _resolve(self.name, self._init_json)[0]
 
     def __call__(self, **kwargs: Any) -> list:
-        fn = self.fn
-        accepted = accepted_keywords(fn)
+        fn, accepted = _resolve(self.name, self._init_json)
         kw = {**kwargs, **self.args}
         if accepted is not None:
             kw = {k: v for k, v in kw.items() if k in accepted}
