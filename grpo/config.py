@@ -33,6 +33,8 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (training and generation)
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    revision: str | None = None  # a hub model's branch, tag or commit (ignored for local folders)
+    trust_remote_code: bool = False  # run the model repository's own Python code (only for repos you trust)
 
     def validate(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -268,6 +270,7 @@ class LogConfig:
     wandb: bool = False  # offline mode when WANDB_API_KEY is not set
     wandb_project: str = "grpo"
     rollouts: bool = True  # write rollout records (parquet) every step
+    push_to_hub: str | None = None  # hub id (user/model): the final folder is uploaded there (needs HF_TOKEN)
 
 
 @dataclass

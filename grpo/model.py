@@ -76,18 +76,28 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub name: from_pretrained resolves it (users download; tests never do)
 
 
-def load_tokenizer(path: str):
+def hub_kwargs(path: str, revision: str | None = None, trust_remote_code: bool = False) -> dict[str, object]:
+    """`revision` applies to hub names only (a local folder has none); `trust_remote_code` to both."""
+    kw: dict[str, object] = {"trust_remote_code": trust_remote_code}
+    if revision and not Path(path).exists():
+        kw["revision"] = revision
+    return kw
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, **hub_kwargs(path, revision, trust_remote_code))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(path: str, dtype: str, attn_implementation: str = "sdpa"):
+def load_model(path: str, dtype: str, attn_implementation: str = "sdpa", revision: str | None = None,
+               trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+                                                 **hub_kwargs(path, revision, trust_remote_code))
     model.config.use_cache = False
     return model

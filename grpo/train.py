@@ -33,6 +33,7 @@ from grpo.advantages import ADVANTAGES, zero_variance_groups
 from grpo.config import Config, ConfigError, to_dict
 from grpo.data import PromptSampler, PromptSet, load_rows, render
 from grpo.engine import build_policy_engine, build_reference, check_device_options, init_distributed, pick_device
+from grpo.export import check_hub_token, push_to_hub, save_final
 from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
 from grpo.loss import policy_loss, token_weights, truncated_is_weights
 from grpo.model import load_model, load_tokenizer, resolve_model_path
@@ -89,7 +90,8 @@ def setup(cfg: Config) -> dict[str, Any]:
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
-    tok = load_tokenizer(model_path)
+    tok = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+    check_hub_token(cfg.log.push_to_hub)
     train_rows, eval_rows = load_rows(cfg.data)
     prompts = render(train_rows, cfg.data, tok)
     held = render(eval_rows, cfg.data, tok) if eval_rows else None
@@ -100,13 +102,15 @@ def setup(cfg: Config) -> dict[str, Any]:
     if len(prompts.rows) < cfg.rollout.prompts_per_step:
         raise ConfigError(f"data: {len(prompts.rows)} training prompts, fewer than rollout.prompts_per_step="
                           f"{cfg.rollout.prompts_per_step}")
-    model = load_model(model_path, cfg.model.dtype, cfg.model.attn_implementation)
+    model = load_model(model_path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.revision,
+                       cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = build_policy_engine(model, cfg, cfg.optim.micro_batch_size, shape.grad_accum)
     ref = None
     if cfg.algo.beta > 0:
-        ref = build_reference(load_model(model_path, cfg.model.dtype, cfg.model.attn_implementation), cfg,
+        ref = build_reference(load_model(model_path, cfg.model.dtype, cfg.model.attn_implementation,
+                                         cfg.model.revision, cfg.model.trust_remote_code), cfg,
                               cfg.optim.micro_batch_size, shape.grad_accum)
         ref.to(engine.device)
     check_lengths(cfg, model, prompts)
@@ -435,39 +439,6 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def save_final(st: dict[str, Any], out: Path) -> None:
-    """A plain HF folder. Under ZeRO-3 the shards are gathered first; the export is checked against the
-    parameter count (ZeRO-3 exports can silently come out empty), and every rank's copy of the weights is
-    checksummed: ranks that drifted apart are an error, recorded in `ranks.json`."""
-    import deepspeed
-
-    engine, rank = st["engine"], st["rank"]
-    model = engine.module
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=engine.zero_optimization_stage() == 3):
-        sums = [0.0, 0.0]
-        for p in model.parameters():
-            x = p.detach().double()
-            sums[0] += float(x.sum())
-            sums[1] += float((x * x).sum())
-        every: list[Any] = [None] * st["world"]
-        dist.all_gather_object(every, sums)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "ranks.json").write_text(json.dumps({"checksums": every}))
-        if any(abs(e[0] - every[0][0]) > 1e-6 * (1 + abs(every[0][0])) or
-               abs(e[1] - every[0][1]) > 1e-6 * (1 + every[0][1]) for e in every):
-            raise RuntimeError(f"ranks disagree on the final weights: {every}")
-        if rank == 0:
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            numel = sum(v.numel() for v in state.values())
-            expected = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-            if numel < expected:
-                raise RuntimeError(f"final model export has {numel} values, expected at least {expected}")
-            model.save_pretrained(out, state_dict=state)
-            st["tok"].save_pretrained(out)
-    dist.barrier()
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
 class Preempted(Exception):
@@ -585,7 +556,10 @@ def train(cfg: Config) -> Path:
                 raise Preempted(f"stopped by signal after step {step}; checkpoint written, resume with the same "
                                 "command")
         if cfg.checkpoint.save_final_model:
-            save_final(st, run_dir / "final")
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
+            save_final(engine, st["tok"], run_dir / "final", to_dict(cfg), json.loads(lines[-1]) if lines else {})
+            if cfg.log.push_to_hub and rank == 0:
+                log.info("pushed the final model: %s", push_to_hub(run_dir / "final", cfg.log.push_to_hub))
     finally:
         if bar is not None:
             bar.close()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from grpo.config import Config, ConfigError
+from grpo.model import hub_kwargs
 from grpo.rollout import Completion, SamplingParams
 
 log = logging.getLogger("grpo")
@@ -107,7 +108,8 @@ def llm_kwargs(cfg: Config, model_path: str, device: str, seed: int, colocated: 
     eager = v.enforce_eager if v.enforce_eager is not None else device == "cpu"
     kw: dict[str, Any] = dict(model=model_path, dtype=cfg.model.dtype, max_model_len=max_model_len(cfg, model_limit),
                               enable_prefix_caching=True, seed=seed, logprobs_mode="processed_logprobs",
-                              enforce_eager=eager)
+                              enforce_eager=eager, **hub_kwargs(model_path, cfg.model.revision,
+                                                                cfg.model.trust_remote_code))
     if eager:
         kw["compilation_config"] = {"mode": 0}
     if device == "cpu":
