@@ -104,9 +104,10 @@ class BoundReward:
     `get_*_reward`) would not; each worker resolves it once. Keywords the function does not accept are not passed,
     so `def f(completions, answer)` works beside TRL's `**kwargs` style."""
 
-    def __init__(self, name: str, init: dict[str, Any] | None = None, args: dict[str, Any] | None = None):
+    def __init__(self, name: str, init: dict[str, Any] | None = None, args: dict[str, Any] | None = None,
+                 _init_json: str | None = None):
         self.name, self.init, self.args = name, dict(init or {}), dict(args or {})
-        self._init_json = json.dumps(self.init, sort_keys=True)
+        self._init_json = _init_json or json.dumps(self.init, sort_keys=True)
         fn = self.fn  # resolve now: an unknown name or a bad factory fails at start-up
         self.batched = bool(getattr(fn, "batched", False))
         self._columns: tuple[str, ...] | None = None
@@ -130,7 +131,7 @@ class BoundReward:
         return list(fn(**kw))
 
     def __reduce__(self):
-        return (BoundReward, (self.name, self.init, self.args))
+        return (BoundReward, (self.name, self.init, self.args, self._init_json))
 
 
 def required_columns(fn: RewardFn, skip: dict[str, Any] | None = None) -> tuple[str, ...]:

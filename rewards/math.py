@@ -307,7 +307,8 @@ def accuracy(completions: Sequence[Any], answer: Sequence[Any], extract: str = "
                 out.append(0.0)
                 continue
             text = text.rsplit(after, 1)[1]
-        pred = extract_answer(text, extract, multi_box=multi_box or gold_is_multi_valued(gold))
+        boxes_matter = extract in ("boxed", "math_verify")
+        pred = extract_answer(text, extract, multi_box=multi_box or (boxes_matter and gold_is_multi_valued(gold)))
         if pred is None:
             out.append(0.0)
             continue

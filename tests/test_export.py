@@ -18,7 +18,8 @@ def test_model_card_names_recipe_rewards_and_metrics():
     head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert yaml.safe_load(head)["base_model"] == "Qwen/Qwen2.5-0.5B"
     metrics_block = body.split("```json\n")[1].split("```")[0]
-    assert "`accuracy` (weight 1.0)" in body and '"eval/accuracy": 0.45' in metrics_block and "loss" not in metrics_block
+    assert "`accuracy` (weight 1.0)" in body
+    assert '"eval/accuracy": 0.45' in metrics_block and "loss" not in metrics_block
     recipe = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
     assert recipe == cfg  # the card's recipe re-creates the run
     local = model_card(cfg, {}, "/data/models/mine")
