@@ -314,6 +314,9 @@ class Config:
             section.validate()
         if not self.rewards:
             raise ConfigError("rewards: at least one reward is required")
+        if self.log.push_to_hub and not self.checkpoint.save_final_model:
+            raise ConfigError("log.push_to_hub: needs checkpoint.save_final_model=true (the final folder is what "
+                              "is pushed)")
         for i, r in enumerate(self.rewards):
             if not r.name:
                 raise ConfigError(f"rewards[{i}].name: required")

@@ -61,35 +61,69 @@ def model_card(cfg_dict: dict[str, Any], final_metrics: dict[str, Any], base_mod
     return "\n".join(lines)
 
 
+def _raise_on_every_rank(error: str | None) -> None:
+    """Rank 0's failure, shared: a rank that raised alone would leave the others waiting in the next collective."""
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RuntimeError(box[0])
+
+
 def save_final(engine: Any, tokenizer: Any, out: Path, cfg_dict: dict[str, Any],
                final_metrics: dict[str, Any]) -> None:
     """Write `out` as a plain HF folder on rank 0 (all ranks must call it: ZeRO-3 gathers collectively)."""
     rank = dist.get_rank()
     every = replica_checksums(engine)
     state = state_dict_on_rank0(engine)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if every is not None:
-            (out / "ranks.json").write_text(json.dumps({"checksums": every}))
+    error = None  # every rank computes the same verdict on the checksums; rank 0's is the one shared
     if every is not None and any(abs(e[0] - every[0][0]) > 1e-6 * (1 + abs(every[0][0]))
                                  or abs(e[1] - every[0][1]) > 1e-6 * (1 + every[0][1]) for e in every):
-        raise RuntimeError(f"ranks disagree on the final weights: {every}")
+        error = f"ranks disagree on the final weights: {every}"
     if rank == 0:
-        assert state is not None
-        model = engine.module
-        numel = sum(v.numel() for v in {id(v): v for v in state.values()}.values())
-        expected = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-        if numel < expected:  # ZeRO-3 exports can silently come out empty
-            raise RuntimeError(f"final model export has {numel} values, expected at least {expected}")
-        use_cache = model.config.use_cache
-        model.config.use_cache = True  # training turned the KV cache off; generation wants it back
         try:
-            model.save_pretrained(out, state_dict=state)
-        finally:
-            model.config.use_cache = use_cache
-        tokenizer.save_pretrained(out)
-        (out / "README.md").write_text(model_card(cfg_dict, final_metrics, cfg_dict["model"]["path"]))
-    dist.barrier()
+            out.mkdir(parents=True, exist_ok=True)
+            if every is not None:
+                (out / "ranks.json").write_text(json.dumps({"checksums": every}))
+            if error is None:
+                _write_final(engine.module, state, tokenizer, out, cfg_dict, final_metrics)
+        except Exception as e:  # noqa: BLE001 - shared with every rank below, then raised everywhere
+            error = f"final model export to {out} failed: {type(e).__name__}: {e}"
+    _raise_on_every_rank(error)
+
+
+def _write_final(model: Any, state: dict[str, torch.Tensor] | None, tokenizer: Any, out: Path,
+                 cfg_dict: dict[str, Any], final_metrics: dict[str, Any]) -> None:
+    assert state is not None
+    numel = sum(v.numel() for v in {id(v): v for v in state.values()}.values())
+    expected = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    if numel < expected:  # ZeRO-3 exports can silently come out empty
+        raise RuntimeError(f"final model export has {numel} values, expected at least {expected}")
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # training turned the KV cache off; generation wants it back
+    try:
+        model.save_pretrained(out, state_dict=state)
+    finally:
+        model.config.use_cache = use_cache
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(model_card(cfg_dict, final_metrics, cfg_dict["model"]["path"]))
+
+
+def check_hub_token_on_rank0(repo_id: str | None) -> None:
+    """`check_hub_token` where the push happens (rank 0), its verdict shared so that every rank stops together."""
+    if not repo_id:
+        return
+    from grpo.config import ConfigError
+
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            check_hub_token(repo_id)
+        except ConfigError as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ConfigError(box[0])
 
 
 def check_hub_token(repo_id: str | None) -> None:

@@ -33,7 +33,7 @@ from grpo.advantages import ADVANTAGES, zero_variance_groups
 from grpo.config import Config, ConfigError, to_dict
 from grpo.data import PromptSampler, PromptSet, load_rows, render
 from grpo.engine import build_policy_engine, build_reference, check_device_options, init_distributed, pick_device
-from grpo.export import check_hub_token, push_to_hub, save_final
+from grpo.export import check_hub_token_on_rank0, push_to_hub, save_final
 from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
 from grpo.loss import policy_loss, token_weights, truncated_is_weights
 from grpo.model import load_model, load_tokenizer, resolve_model_path
@@ -91,7 +91,7 @@ def setup(cfg: Config) -> dict[str, Any]:
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     tok = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
-    check_hub_token(cfg.log.push_to_hub)
+    check_hub_token_on_rank0(cfg.log.push_to_hub)
     train_rows, eval_rows = load_rows(cfg.data)
     prompts = render(train_rows, cfg.data, tok)
     held = render(eval_rows, cfg.data, tok) if eval_rows else None
@@ -490,6 +490,15 @@ def log_step(cfg: Config, st: dict[str, Any], step: int, groups: list[Group], ro
     return rec
 
 
+def last_metrics(run_dir: Path) -> dict[str, Any]:
+    """The last metrics line, for the model card; {} when there is none or it was cut off (rank 0 reads it, and a
+    failure here must not keep it from the collective export that follows)."""
+    try:
+        return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
 def train(cfg: Config) -> Path:
     st = setup(cfg)
     rank, engine = st["rank"], st["engine"]
@@ -556,8 +565,7 @@ def train(cfg: Config) -> Path:
                 raise Preempted(f"stopped by signal after step {step}; checkpoint written, resume with the same "
                                 "command")
         if cfg.checkpoint.save_final_model:
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
-            save_final(engine, st["tok"], run_dir / "final", to_dict(cfg), json.loads(lines[-1]) if lines else {})
+            save_final(engine, st["tok"], run_dir / "final", to_dict(cfg), last_metrics(run_dir) if rank == 0 else {})
             if cfg.log.push_to_hub and rank == 0:
                 log.info("pushed the final model: %s", push_to_hub(run_dir / "final", cfg.log.push_to_hub))
     finally:

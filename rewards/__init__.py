@@ -109,6 +109,13 @@ class BoundReward:
         self.name, self.init, self.args = name, dict(init or {}), dict(args or {})
         self._init_json = _init_json or json.dumps(self.init, sort_keys=True)
         fn = self.fn  # resolve now: an unknown name or a bad factory fails at start-up
+        if _init_json is None:  # at start-up (not when a worker unpickles it): a misspelt option is an error
+            params = inspect.signature(fn).parameters.values()
+            named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            unknown = sorted(set(self.args) - named - set(CALL_KEYWORDS))
+            if unknown:
+                raise KeyError(f"reward {name!r}: unknown argument(s) {unknown} (it takes: "
+                               f"{', '.join(sorted(named - set(CALL_KEYWORDS))) or 'none'})")
         self.batched = bool(getattr(fn, "batched", False))
         self._columns: tuple[str, ...] | None = None
 

@@ -11,16 +11,16 @@ from rewards.math import completion_texts
 # Anchored, no nested quantifiers: linear time on hostile input.
 _THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 _THINK_ONLY = re.compile(r"\s*<think>.*?</think>", re.DOTALL)
-_NUMBER_ONLY = re.compile(r"\s*[+-]?\d[\d,]*(?:\.\d+)?\s*\.?\s*")
+_NUMBER_ONLY = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?\.?")
 _LANGUAGE = re.compile(r"[A-Za-z0-9_+#-]{1,32}")
 
 
-def think_answer(completions: Sequence[Any], answer: bool = True, **_) -> list[float | None]:
-    """1.0 for exactly `<think>...</think><answer>...</answer>` (one of each tag), else 0.0. `answer: false` is
-    TRL's `think_format_reward`: one `<think>` block first, closed, and anything after it."""
+def think_answer(completions: Sequence[Any], require_answer: bool = True, **_) -> list[float | None]:
+    """1.0 for exactly `<think>...</think><answer>...</answer>` (one of each tag), else 0.0. `require_answer:
+    false` is TRL's `think_format_reward`: one `<think>` block first, closed, and anything after it."""
     out = []
     for text in completion_texts(completions):
-        if answer:
+        if require_answer:
             ok = (_THINK_ANSWER.fullmatch(text) is not None
                   and all(text.count(t) == 1 for t in ("<think>", "</think>", "<answer>", "</answer>")))
         else:
@@ -31,7 +31,7 @@ def think_answer(completions: Sequence[Any], answer: bool = True, **_) -> list[f
 
 def number_only(completions: Sequence[Any], **_) -> list[float | None]:
     """1.0 when the completion is a single number and nothing else (the 'final number only' format)."""
-    return [float(_NUMBER_ONLY.fullmatch(text) is not None) for text in completion_texts(completions)]
+    return [float(_NUMBER_ONLY.fullmatch(text.strip()) is not None) for text in completion_texts(completions)]
 
 
 def code_format(completions: Sequence[Any], language: str | Sequence[str] = "python",

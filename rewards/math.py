@@ -29,7 +29,7 @@ from typing import Any
 _NUMBER = re.compile(r"(?<![\w)\]}])[+-]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\w)\]}])[+-]?\.\d+")
 # A plain number: optional sign, digits with commas only as thousands separators, optional decimals; optional
 # surrounding `$` and a trailing full stop.
-_PLAIN_NUMBER = re.compile(r"\s*\$?\s*([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+)\s*\$?\s*\.?\s*")
+_PLAIN_NUMBER = re.compile(r"(?:\$\s*)?([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+)(?:\s*\$)?\.?")
 _INT = re.compile(r"\s*[+-]?\d+\s*")
 
 EXTRACTORS = ("boxed", "last_number", "final_line", "math_verify")
@@ -37,7 +37,10 @@ EXTRACTORS = ("boxed", "last_number", "final_line", "math_verify")
 _BRACE_TOKENS = re.compile(r"\\boxed\s*\{|\\fbox\s*\{|[{}]")
 _DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed\s*\{|\\begin\{(?:equation|align|displaymath)")
 # Separators between candidate answers: `or`/`and` as words (also inside \text{}), `;`, \lor, \vee, \quad.
-_ALTERNATIVE = re.compile(r"\b(?:or|and)\b|;|\\lor\b|\\vee\b|\\q?quad\b", re.IGNORECASE)
+_ALTERNATIVE = re.compile(r"\b(?:or|and)\b|;|\\lor\b|\\vee\b|\\q?quad\b\s*(?=[-+\d(]|\\d?frac|\\sqrt)",
+                          re.IGNORECASE)
+# LaTeX spacing commands (thin, medium, thick, negative space): typography, never a separator.
+_SPACING = re.compile(r"\\[,;:!> ]")
 # Words that are mathematics, not prose, when a gold answer is written without LaTeX.
 _MATH_WORDS = frozenset("""sqrt sin cos tan cot sec csc log ln exp pi arcsin arccos arctan sinh cosh tanh infty inf
     oo max min gcd lcm mod frac cdot times div pm mp deg dfrac tfrac text mathrm mbox circ""".split())
@@ -95,7 +98,11 @@ def extract_answer(text: str, mode: str = "last_number", multi_box: bool = False
     if mode in ("boxed", "math_verify"):
         boxes = list(dict.fromkeys(b.strip() for b in all_boxed(text)))
         if len(boxes) > 1:
-            return ", ".join(boxes) if multi_box else None
+            if multi_box:
+                return ", ".join(boxes)
+            if len(boxes) > 4 or not all(answers_match(boxes[0], b) for b in boxes[1:]):
+                return None  # different values: a hedge (the same value written twice, `18` and `\$18`, is not)
+            return boxes[-1]
         if boxes:
             return boxes[0]
         return text if mode == "math_verify" else None
@@ -120,7 +127,7 @@ def normalise_thousands(s: str) -> str:
 def parse_number(s: str) -> Fraction | None:
     """An exact rational for plain decimal/integer strings ('1,234', '-0.5', '+3', '$7$'); None otherwise (also
     for '1,2' or '1,22', where a comma is not a thousands separator)."""
-    m = _PLAIN_NUMBER.fullmatch(normalise_thousands(s))
+    m = _PLAIN_NUMBER.fullmatch(normalise_thousands(s).strip())
     if not m:
         return None
     digits = m.group(1).replace(",", "")
@@ -151,8 +158,8 @@ def _top_level_commas(s: str) -> bool:
         elif ch in ")]}":
             depth = max(depth - 1, 0)
         elif ch == "," and depth == 0:
-            before, after = s[:i], s[i + 1 :]
-            thousands = re.search(r"\d$", before) and re.match(r"\d{3}(?!\d)", after)
+            thousands = (i > 0 and s[i - 1].isdigit() and s[i + 1 : i + 4].isdigit() and len(s[i + 1 : i + 4]) == 3
+                         and not s[i + 4 : i + 5].isdigit())
             if not thousands:
                 return True
     return False
@@ -160,7 +167,7 @@ def _top_level_commas(s: str) -> bool:
 
 def is_multi_valued(s: str) -> bool:
     """Several candidate values: joined by words (`or`, `and`), `;`, `\\lor`, `\\quad`, or top-level commas."""
-    inner = normalise_thousands(_strip_delimiters(s))
+    inner = _SPACING.sub(" ", normalise_thousands(_strip_delimiters(s)))
     return bool(_ALTERNATIVE.search(inner)) or _top_level_commas(inner)
 
 
@@ -181,10 +188,23 @@ def delimit(s: str) -> str:
 
 
 def is_prose(gold: str) -> bool:
-    """A gold answer written in words without LaTeX (`yes`, `the red one`): no math check applies to it."""
-    if _DELIMITED.search(gold) or "\\" in gold:
+    """A gold answer written in words without LaTeX (`yes`, `the red one`): no math check applies to it. A number
+    followed by its unit (`10 cm`, `5 dollars`) is not prose: see `strip_unit`."""
+    if _DELIMITED.search(gold) or "\\" in gold or strip_unit(gold) != gold:
         return False
     return any(w.lower() not in _MATH_WORDS for w in _WORD.findall(gold))
+
+
+_NUMBER_WITH_UNIT = re.compile(r"\s*([+-]?[\d.,]*\d)((?:\s+[A-Za-z]{2,20}){1,3})\s*\.?")
+
+
+def strip_unit(text: str) -> str:
+    """`10 cm` -> `10`: plain text that is a number and a unit (words of two letters or more, none of them
+    mathematics: `5 pi` and `5 x` stay as they are) is compared as the number."""
+    m = _NUMBER_WITH_UNIT.fullmatch(text)
+    if m is None or any(w.lower() in _MATH_WORDS or w.lower() in ("or", "and") for w in m.group(2).split()):
+        return text
+    return m.group(1)
 
 
 def _timeouts() -> tuple[int | None, int | None]:
@@ -194,27 +214,35 @@ def _timeouts() -> tuple[int | None, int | None]:
     return (5, 5) if main else (None, None)
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str) -> tuple[Any, ...]:
-    """math-verify's parse of a delimited gold answer; cached, since a group's G completions share one gold."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+def _mv_parse(text: str, config: Sequence[Any], **kw: Any) -> list[Any]:
+    """math-verify's parse, except that a timeout propagates (the sample is then an error, never a 0 for a right
+    answer that was slow to parse); any other failure to parse is an empty parse."""
+    from math_verify import parse
 
     parsing_timeout, _ = _timeouts()
-    parsed = parse(delimit(gold), extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-                   parsing_timeout=parsing_timeout)
+    try:
+        return parse(text, extraction_config=config, parsing_timeout=parsing_timeout, raise_on_error=True, **kw)
+    except Exception:  # noqa: BLE001 - math-verify's own parse errors; its TimeoutException is a BaseException
+        return []
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> tuple[Any, ...]:
+    """math-verify's parse of a delimited gold answer; cached, since a group's G completions share one gold (a
+    timeout raises, so it is never cached as "unparseable")."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    parsed = _mv_parse(delimit(gold), [LatexExtractionConfig(), ExprExtractionConfig()])
     # A gold that only came back as its raw text (math-verify's fallback) was not understood.
     return tuple(parsed) if any(not isinstance(p, str) for p in parsed) else ()
 
 
 def _parse_pred(pred: str, whole_completion: bool) -> list[Any]:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
-    parsing_timeout, _ = _timeouts()
     if whole_completion:  # math-verify's own search of a completion without a box: LaTeX math, then expressions
-        config: Sequence[Any] = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-        return parse(pred, extraction_config=config, parsing_timeout=parsing_timeout)
-    return parse(delimit(pred), extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-                 parsing_timeout=parsing_timeout)
+        return _mv_parse(pred, [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()])
+    return _mv_parse(delimit(pred), [LatexExtractionConfig(), ExprExtractionConfig()])
 
 
 def gold_is_multi_valued(gold: str) -> bool:
@@ -235,6 +263,7 @@ def gold_is_multi_valued(gold: str) -> bool:
 
 def gold_is_parseable(gold: str) -> bool:
     """Whether a math check applies to this gold answer at all."""
+    gold = strip_unit(gold)
     if _int_text(gold) is not None or parse_number(gold) is not None:
         return True
     if is_prose(gold):
@@ -247,7 +276,9 @@ def answers_match(gold: str, pred: str, precision: int = 6, strict: bool = True,
     """True/False, or None when the gold answer cannot be parsed at all. Options are math-verify's:
     `precision` (decimal places numbers are rounded to), `strict` (symbols and variables must match),
     `set_relations` (a set gold also matches an equivalent inequality)."""
+    gold = strip_unit(gold)
     if not whole_completion:
+        pred = strip_unit(pred)
         gi, pi = _int_text(gold), _int_text(pred)
         if gi is not None and pi is not None:
             return gi == pi
@@ -259,6 +290,8 @@ def answers_match(gold: str, pred: str, precision: int = 6, strict: bool = True,
     gold_parsed = _parse_gold(gold.strip())
     if not gold_parsed:
         return None
+    if not whole_completion and len(pred) > 10 * len(gold) + 1000:
+        return False  # an "answer" a thousand characters longer than the gold is not it (and costs sympy seconds)
     if not whole_completion and is_multi_valued(pred) and not gold_is_multi_valued(gold):
         return False  # several candidates in one answer against a single value: a hedge
     pred_parsed = _parse_pred(pred, whole_completion)
@@ -267,8 +300,15 @@ def answers_match(gold: str, pred: str, precision: int = 6, strict: bool = True,
     from math_verify import verify
 
     _, verify_timeout = _timeouts()
-    return bool(verify(list(gold_parsed), pred_parsed, float_rounding=precision, strict=strict,
-                       allow_set_relation_comp=set_relations, timeout_seconds=verify_timeout))
+    for g in gold_parsed:  # any pair that matches, as math-verify's own verify does over its lists
+        for p in pred_parsed:
+            try:
+                if verify(g, p, float_rounding=precision, strict=strict, allow_set_relation_comp=set_relations,
+                          timeout_seconds=verify_timeout, raise_on_error=True):
+                    return True
+            except Exception:  # noqa: BLE001 - a pair sympy cannot compare is no match; a timeout propagates
+                continue
+    return False
 
 
 def completion_texts(completions: Sequence[Any]) -> list[str]:
@@ -312,7 +352,8 @@ def accuracy(completions: Sequence[Any], answer: Sequence[Any], extract: str = "
         if pred is None:
             out.append(0.0)
             continue
-        whole = extract == "math_verify" and pred is text
+        # a final line in words ("She sold 72 clips.") is searched by math-verify, not read as one expression
+        whole = (extract == "math_verify" and pred is text) or (extract == "final_line" and is_prose(pred))
         ok = answers_match(gold, pred, precision, strict, set_relations, whole_completion=whole)
         out.append(None if ok is None else float(ok))
     return out

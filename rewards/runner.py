@@ -37,7 +37,10 @@ def build_rewards(specs: Sequence[Any]) -> list[Reward]:
         try:
             fn = BoundReward(s.name, getattr(s, "init", None), s.args)
         except KeyError as e:
-            raise ValueError(f"rewards[{i}].name: {e.args[0]}") from None
+            key = "args" if "unknown argument" in str(e.args[0]) else "name"
+            raise ValueError(f"rewards[{i}].{key}: {e.args[0]}") from None
+        except (TypeError, ValueError) as e:  # an init that is not JSON, a callable without a signature
+            raise ValueError(f"rewards[{i}] ({s.name}): {type(e).__name__}: {e}") from None
         try:  # a dry call on an empty batch catches unknown or bad arguments now, not mid-run
             fn(prompts=[], completions=[], completion_ids=[], trainer_state=TrainerState(),
                **{c: [] for c in (*fn.columns, *TRAINER_COLUMNS)})
@@ -114,7 +117,10 @@ def score(rewards: list[Reward], completions: list[Any], columns: dict[str, list
             for args, _ in calls:
                 try:
                     outcomes.append(Outcome(value=_call_slice(*args)))
-                except Exception as e:  # noqa: BLE001 - a reward's bug costs its samples, never the run
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as e:  # noqa: BLE001 - a reward's bug (or math-verify's timeout, a
+                    # BaseException) costs its samples, never the run
                     outcomes.append(Outcome(error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
         else:
             outcomes = pool.map(_call_slice, calls, r.timeout * max(sl.stop - sl.start for sl in slices))

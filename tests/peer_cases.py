@@ -55,7 +55,7 @@ def trl_style_case(case: dict[str, Any], peer: str) -> list[float | None]:
         "accuracy_reward": lambda: accuracy(comps, sol, extract="math_verify"),
         "reasoning_accuracy_reward": lambda: accuracy(comps, sol, extract="math_verify",
                                                       after=(kw.get("reasoning_delimiters") or ["</think>"])[0]),
-        "think_format_reward": lambda: think_answer(comps, answer=False),
+        "think_format_reward": lambda: think_answer(comps, require_answer=False),
         "format_reward": lambda: think_answer(comps),
         "tag_count_reward": lambda: tag_count(comps),
         "reasoning_steps_reward": lambda: reasoning_steps(comps),

@@ -109,6 +109,18 @@ def test_verl_code_cases():
     ("so\n\\[\nx = \\frac{1}{2}\n\\]", "0.5", "final_line", 1.0),  # a display block over lines
     ("x = 10-7", "7", "last_number", 1.0),  # a minus between digits is an operator
     ("x = 10-7", "-7", "last_number", 0.0),
+    # found in review: LaTeX spacing is no separator, the same value boxed twice is no hedge, units
+    ("\\boxed{5\\,\\text{cm}}", "5", "boxed", 1.0),
+    ("\\boxed{5\\;\\text{cm}}", "5", "boxed", 1.0),
+    ("\\boxed{50\\,\\%}", "50", "boxed", 1.0),
+    ("\\boxed{5\\quad\\text{dollars}}", "5", "boxed", 1.0),
+    ("\\boxed{18}. Final Answer: \\boxed{\\$18}", "18", "boxed", 1.0),
+    ("\\boxed{\\frac12}, i.e. \\boxed{0.5}", "0.5", "boxed", 1.0),
+    ("\\boxed{3} \\boxed{5}", "5", "boxed", 0.0),
+    ("Natalia sold 72 clips altogether.", "72", "final_line", 1.0),
+    ("72 clips", "72", "final_line", 1.0),
+    ("\\boxed{10}", "10 cm", "boxed", 1.0),
+    ("\\boxed{11}", "10 cm", "boxed", 0.0),
 ])
 def test_accuracy_cases_from_the_issue(text, gold, mode, expected):
     from rewards.math import accuracy
@@ -130,6 +142,38 @@ def test_accuracy_options():
         accuracy([], [], precision=-1)
 
 
+def test_math_timeouts_are_errors_never_zeros():
+    """math-verify swallows its own timeouts into an empty parse or a False; ours propagate to the runner."""
+    from rewards.runner import build_rewards, score
+
+    rs = build_rewards([Spec("accuracy", args={"extract": "boxed"})])
+    s = score(rs, ["\\boxed{9^{9^{9^{9^{9}}}}}", "\\boxed{5}"], {"answer": ["5", "5"]})
+    assert s.errors["accuracy"] == 2 and math.isnan(s.total[0])  # the in-process call covers the whole batch
+
+
+def test_hostile_inputs_stay_linear():
+    import time
+
+    from rewards.format import number_only
+    from rewards.math import accuracy
+
+    t0 = time.perf_counter()
+    assert accuracy(["\\boxed{1" + ",000" * 20000 + "}"], ["\\frac12"], extract="boxed") == [0.0]
+    assert accuracy(["1" + ",000" * 20000], ["5"]) == [0.0]
+    assert accuracy(["\\boxed{5" + " " * 5000 + "x}"], ["5"], extract="boxed") == [0.0]
+    assert number_only(["5" + " " * 100_000 + "x"]) == [0.0]
+    assert time.perf_counter() - t0 < 5
+
+
+def test_sandbox_that_cannot_start_is_an_error(monkeypatch):
+    from rewards import code
+    from rewards.sandbox import RunResult
+
+    monkeypatch.setattr(code, "run_python", lambda *a, **k: RunResult("error", None, "", "fork: EAGAIN", 0.0))
+    with pytest.raises(RuntimeError, match="sandbox did not start"):
+        code.code_tests(["```python\nprint(1)\n```"], [{"inputs": [""], "outputs": ["1"]}])
+
+
 def test_new_peer_rewards_by_hand():
     from rewards.format import code_format, think_answer
     from rewards.shaping import len_reward, reasoning_steps
@@ -143,7 +187,8 @@ def test_new_peer_rewards_by_hand():
     ok = "<think>\nplan\n</think>\n<answer>\n```python\nprint(1)\n```\n</answer>"
     assert code_format([ok, ok.replace("python", "rust"), "```python\nx\n```"]) == [1.0, 0.0, 0.0]
     assert code_format([ok.replace("python", "rust")], language=["rust"]) == [1.0]
-    assert think_answer(["<think>a</think>free text", "<think>a</think><think>b</think>"], answer=False) == [1.0, 0.0]
+    assert think_answer(["<think>a</think>free text", "<think>a</think><think>b</think>"],
+                        require_answer=False) == [1.0, 0.0]
 
 
 def test_completions_as_messages_score_like_text():
@@ -233,6 +278,8 @@ def test_bad_reward_names_and_factories_fail_at_start_up():
 
     with pytest.raises(ValueError, match=r"rewards\[0\].name: reward 'nowhere.fn': cannot import"):
         build_rewards([Spec("nowhere.fn")])
+    with pytest.raises(ValueError, match=r"rewards\[0\].args: .*unknown argument\(s\) \['extarct'\]"):
+        build_rewards([Spec("accuracy", args={"extarct": "boxed"})])
     with pytest.raises(ValueError, match="init .* does not build a reward"):
         build_rewards([Spec("trl.rewards.get_soft_overlong_punishment", init={"wrong": 1})])
 
