@@ -110,41 +110,49 @@ def _hf_rows(cfg: DataConfig):
     for col in (cfg.prompt_column, cfg.answer_column):
         if col not in ds.column_names:
             raise ConfigError(f"data: column {col!r} not in {path} (columns: {ds.column_names})")
-    rows = []
     pattern = re.compile(cfg.answer_pattern, re.S) if cfg.answer_pattern else None
-    unmatched = 0
-    for i, x in enumerate(ds):
-        # Nested values travel as JSON text (records and workers take plain values); a conversational prompt
-        # column stays a list of messages, checked here so that a bad row is named before training.
-        row = {k: (v if isinstance(v, (str, int, float, bool)) or v is None
-                   or (k == cfg.prompt_column and as_messages(v, f"data: {path} row {i} column {k!r}") is not None)
-                   else json.dumps(v, default=str))
-               for k, v in x.items()}
-        row["prompt_id"] = f"row-{i}"
-        if cfg.prompt_column != "question":
-            given = row[cfg.prompt_column]
-            users = [m["content"] for m in given if m["role"] == "user"] if isinstance(given, list) else [given]
-            row.setdefault("question", users[-1] if users else "")
-        if cfg.answer_column != "answer":
-            row["answer"] = row[cfg.answer_column]
-        if pattern is not None:
-            m = pattern.search(str(row["answer"]))
-            if m is None:
-                unmatched += 1
-                continue
-            row["answer"] = m.group(1).strip()
-        rows.append(row)
-    if unmatched:
-        log.warning("data: %d of %d rows of %s have no answer matching data.answer_pattern: dropped", unmatched,
-                    len(ds), path)
-    if not rows:
-        raise ConfigError(f"data.answer_pattern: {cfg.answer_pattern!r} matches no answer in {path}")
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    rows = [rows[i] for i in order]
-    if cfg.num_eval >= len(rows):
-        raise ConfigError(f"data.num_eval={cfg.num_eval} leaves no training rows in {path} ({len(rows)} rows)")
-    held, train = rows[: cfg.num_eval], rows[cfg.num_eval :]
-    return train[: cfg.num_train], held
+    ds = ds.add_column("_row", list(range(len(ds))))  # the original row number names the prompt
+    if pattern is not None:
+        keep = [i for i, a in enumerate(ds[cfg.answer_column]) if pattern.search(str(a))]
+        if not keep:
+            raise ConfigError(f"data.answer_pattern: {cfg.answer_pattern!r} matches no answer in {path}")
+        if len(keep) < len(ds):
+            log.warning("data: %d of %d rows of %s have no answer matching data.answer_pattern: dropped",
+                        len(ds) - len(keep), len(ds), path)
+            ds = ds.select(keep)
+    if cfg.num_eval >= len(ds):
+        raise ConfigError(f"data.num_eval={cfg.num_eval} leaves no training rows in {path} ({len(ds)} rows)")
+    # datasets' own seeded split: the same held-out rows as `ds.train_test_split(test_size=num_eval, seed=seed)`
+    if cfg.num_eval:
+        parts = ds.train_test_split(test_size=cfg.num_eval, seed=cfg.seed)
+        train_ds, held_ds = parts["train"], parts["test"]
+    else:
+        train_ds, held_ds = ds.shuffle(seed=cfg.seed), None
+    train_ds = train_ds.select(range(min(cfg.num_train, len(train_ds))))
+    train = [_hf_row(x, cfg, pattern, path) for x in train_ds]
+    held = [_hf_row(x, cfg, pattern, path) for x in held_ds] if held_ds is not None else []
+    return train, held
+
+
+def _hf_row(x: dict[str, Any], cfg: DataConfig, pattern: re.Pattern | None, path: str) -> dict[str, Any]:
+    """One data set row as the trainer keeps it. Nested values travel as JSON text (records and workers take
+    plain values); a conversational prompt column stays a list of messages, checked here so that a bad row is named
+    before training."""
+    i = x.pop("_row")
+    row = {k: (v if isinstance(v, (str, int, float, bool)) or v is None
+               or (k == cfg.prompt_column and as_messages(v, f"data: {path} row {i} column {k!r}") is not None)
+               else json.dumps(v, default=str))
+           for k, v in x.items()}
+    row["prompt_id"] = f"row-{i}"
+    if cfg.prompt_column != "question":
+        given = row[cfg.prompt_column]
+        users = [m["content"] for m in given if m["role"] == "user"] if isinstance(given, list) else [given]
+        row.setdefault("question", users[-1] if users else "")
+    if cfg.answer_column != "answer":
+        row["answer"] = row[cfg.answer_column]
+    if pattern is not None:
+        row["answer"] = pattern.search(str(row["answer"])).group(1).strip()
+    return row
 
 
 def _load_folder(p: Path, cfg: DataConfig):
