@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from grpo import collectives as coll
 from grpo.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,14 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
     final = root / f"step-{step:06d}"
     if rank == 0 and staging.exists():
         shutil.rmtree(staging)
-    dist.barrier()
+    coll.barrier()
     error: BaseException | str | None = None
     try:
         engine.save_checkpoint(str(staging), tag="state")
         torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
     except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on the writer
         error = e
-    if not any_rank(error is not None) and rank == 0:
+    if not coll.any_rank(error is not None) and rank == 0:
         try:
             (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             (staging / MARKER).write_text("ok\n")
@@ -77,7 +77,7 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
             staging.rename(final)
         except OSError as e:
             error = e
-    if any_rank(error is not None):
+    if coll.any_rank(error is not None):
         # Nothing half-written stays behind (its space is given back), and older checkpoints are untouched.
         # torch.save reports a full disk cryptically ("unexpected pos ..."): say so when the disk is full.
         free = shutil.disk_usage(root).free
@@ -85,7 +85,7 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
             error = f"{error} -- the file system is full ({free / 2**20:.0f} MiB free)"
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        dist.barrier()
+        coll.barrier()
         previous = complete_checkpoints(root)
         raise CheckpointError(f"could not write the checkpoint of step {step} under {root}: "
                               f"{error if error is not None else 'failed on another rank'}. "
@@ -95,19 +95,12 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
     if rank == 0:
         for old in complete_checkpoints(root)[max(1, keep) :]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    coll.barrier()
     return final
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (full disk, quota, permissions); earlier ones are untouched."""
-
-
-def any_rank(flag: bool) -> bool:
-    """Collective: True on every rank when the flag is set on any."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() > 0
 
 
 def explicit_checkpoint(path: str) -> Path:
@@ -153,16 +146,15 @@ def load_latest(engine, root: Path, resume: str, rank: int, world_size: int,
             raise
         except (OSError, ValueError) as e:
             meta, errors = None, errors + [f"{path}: {e}"]
-        ok = torch.tensor([1.0 if meta is not None else 0.0])
+        ok = meta is not None
         if meta is not None:
             try:
                 meta = load(engine, path, rank, world_size)
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - torch/DeepSpeed raise many types for a damaged file
-                ok[0], errors = 0.0, errors + [f"{path}: {type(e).__name__}: {e}"]
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() == 1.0:
+                ok, errors = False, errors + [f"{path}: {type(e).__name__}: {e}"]
+        if coll.every_rank(ok):
             return path, meta
         log.warning("checkpoint %s could not be loaded on every rank; trying the previous one (%s)", path,
                     errors[-1] if errors else "another rank failed")

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from grpo import collectives as coll
+
 
 def state_dict_on_rank0(engine: Any) -> dict[str, torch.Tensor] | None:
     """The full state dict on rank 0 (None elsewhere); under ZeRO-3 gathered layer by layer."""
@@ -37,9 +39,7 @@ def replica_checksums(engine: Any) -> list[list[float]] | None:
         x = p.detach().double()
         sums[0] += float(x.sum())
         sums[1] += float((x * x).sum())
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, sums)
-    return every
+    return coll.gather_objects(sums)
 
 
 def model_card(cfg_dict: dict[str, Any], final_metrics: dict[str, Any], base_model: str) -> str:
@@ -63,10 +63,9 @@ def model_card(cfg_dict: dict[str, Any], final_metrics: dict[str, Any], base_mod
 
 def _raise_on_every_rank(error: str | None) -> None:
     """Rank 0's failure, shared: a rank that raised alone would leave the others waiting in the next collective."""
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise RuntimeError(box[0])
+    error = coll.broadcast_object(error)
+    if error is not None:
+        raise RuntimeError(error)
 
 
 def save_final(engine: Any, tokenizer: Any, out: Path, cfg_dict: dict[str, Any],
@@ -120,10 +119,9 @@ def check_hub_token_on_rank0(repo_id: str | None) -> None:
             check_hub_token(repo_id)
         except ConfigError as e:
             error = str(e)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise ConfigError(box[0])
+    error = coll.broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
 
 
 def check_hub_token(repo_id: str | None) -> None:

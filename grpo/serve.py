@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from grpo import collectives as coll
 from grpo.config import Config
 from grpo.rollout import Completion, SamplingParams
 from grpo.vllm_engine import (
@@ -304,7 +305,7 @@ class ServerEngine:
             except (SyncError, ServerError) as e:
                 verdict[0] = e
         if self.world > 1:
-            dist.broadcast_object_list(verdict, src=0)
+            verdict[0] = coll.broadcast_object(verdict[0])
         if isinstance(verdict[0], BaseException):
             raise verdict[0]
         return verdict[0]

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
 from grpo import checkpoint as ckpt
+from grpo import collectives as coll
 from grpo.advantages import ADVANTAGES, zero_variance_groups
 from grpo.config import Config, ConfigError, to_dict
 from grpo.data import PromptSampler, PromptSet, load_rows, render
@@ -216,18 +216,10 @@ def collect(cfg: Config, st: dict[str, Any], sampler: PromptSampler, timer: Time
         flat = zero_variance_groups(torch.tensor([g.total for g in groups]))
         kept += [g for g, z in zip(groups, flat.tolist(), strict=False) if not z]
         spare += [g for g, z in zip(groups, flat.tolist(), strict=False) if z]
-        need = torch.tensor([float(len(kept) < shape.prompts_per_rank)])
-        dist.all_reduce(need, op=dist.ReduceOp.MAX)
-        if need.item() == 0 or rounds >= r.max_sampling_rounds:
+        if not coll.any_rank(len(kept) < shape.prompts_per_rank) or rounds >= r.max_sampling_rounds:
             break
     kept = (kept + spare)[: shape.prompts_per_rank]  # top up with no-signal groups only if rounds ran out
     return kept, rounds
-
-
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -> dict[str, float]:
@@ -245,7 +237,7 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
             eng_lp.append(c.logprobs)
             valid.append(not math.isnan(tot))
     n_tok = sum(len(s.completion_ids) for s, v in zip(seqs, valid, strict=False) if v)
-    global_tokens, global_seqs = _all_sum([n_tok, sum(valid)])
+    global_tokens, global_seqs = coll.all_sum([n_tok, sum(valid)])
     global_tokens, global_seqs = max(global_tokens, 1.0), max(global_seqs, 1.0)
 
     # The gradient does not depend on the order. `prefix` keeps groups together (one prompt forward per group);
@@ -323,14 +315,13 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                     for j, i in enumerate(ch):  # for the records: where trainer and engine disagree
                         refs[i].trainer_logprob_mean = float(per_seq[j]) / len(seqs[i].completion_ids)
         grad_norms.append(pre_clip_norm if pre_clip_norm is not None else _ds_grad_norm(engine))
-    summed = _all_sum([stats["pg_loss"], stats["kl"], stats["clipped"], stats["entropy_sum"],
+    summed = coll.all_sum([stats["pg_loss"], stats["kl"], stats["clipped"], stats["entropy_sum"],
                        stats["mismatch_sum"], stats["tokens"], stats["clip_tokens"], stats["tis_cut"]])
-    mx = torch.tensor([stats["mismatch_max"]])
-    dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+    mismatch_max = coll.all_max([stats["mismatch_max"]])[0]
     toks = max(summed[5], 1.0)
     return {"loss/pg": summed[0], "loss/kl": summed[1], "clip_frac": summed[2] / max(summed[6], 1.0),
             "entropy": summed[3] / toks, "logprob_mismatch/mean_abs": summed[4] / toks,
-            "logprob_mismatch/max_abs": float(mx.item()), "logprob_mismatch/tis_cut_frac": summed[7] / toks,
+            "logprob_mismatch/max_abs": mismatch_max, "logprob_mismatch/tis_cut_frac": summed[7] / toks,
             "grad_norm": grad_norms[-1],
             "lr": engine.get_lr()[0]}
 
@@ -373,9 +364,8 @@ def evaluate(cfg: Config, st: dict[str, Any], step: int, run_dir: Path) -> dict[
                                 "correct": hits[j], "reward_total": g.total[j], "num_tokens": len(c.ids),
                                 "finish_reason": c.finish_reason,
                                 **{f"reward/{name}": v[j] for name, v in g.rewards.items()}})
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, records)
-    total_c, total_s, total_r, total_n = _all_sum([correct, solved, rew_sum, n])
+    gathered = coll.gather_objects(records)
+    total_c, total_s, total_r, total_n = coll.all_sum([correct, solved, rew_sum, n])
     if rank == 0:
         write_records(run_dir / "eval" / f"step-{step:06d}.parquet", [r for part in gathered for r in part])
     out = {"eval/accuracy": total_c / max(total_n * k, 1), "eval/reward": total_r / max(total_n * k, 1),
@@ -412,7 +402,7 @@ def step_metrics(groups: list[Group], world: int, rounds: int) -> dict[str, floa
     for k in names:
         vals = [v for g in groups for v in g.rewards[k] if not math.isnan(v)]
         vec += [sum(vals), sum(v * v for v in vals), len(vals)]
-    s = _all_sum(vec)
+    s = coll.all_sum(vec)
     n_ok = max(s[2], 1.0)
     mean = s[0] / n_ok
     out = {"reward/mean": mean, "reward/std": math.sqrt(max(s[1] / n_ok - mean * mean, 0.0)),
@@ -463,7 +453,7 @@ class StopFlag:
         self.signum = signum
 
     def agreed(self) -> bool:
-        return ckpt.any_rank(self.signum is not None)
+        return coll.any_rank(self.signum is not None)
 
 
 def log_step(cfg: Config, st: dict[str, Any], step: int, groups: list[Group], rounds: int, upd: dict[str, float],
@@ -471,20 +461,19 @@ def log_step(cfg: Config, st: dict[str, Any], step: int, groups: list[Group], ro
     """The step's metrics record (reduced over ranks) and its rollout records (written by rank 0)."""
     rec = {"step": step, **step_metrics(groups, st["world"], rounds), **upd}
     names = list(st["reward_errors"])
-    counts = _all_sum([st["reward_errors"][k] for k in names] + [st["reward_timeouts"][k] for k in names])
+    counts = coll.all_sum([st["reward_errors"][k] for k in names] + [st["reward_timeouts"][k] for k in names])
     for i, k in enumerate(names):
         rec[f"reward/{k}/errors"], rec[f"reward/{k}/timeouts"] = counts[i], counts[len(names) + i]
     n_samples = len(groups) * cfg.rollout.num_generations * st["world"]
     if rec["reward/errors"] > cfg.scoring.max_error_frac * n_samples and st["rank"] == 0:
         log.error("step %d: %d of %d samples could not be scored (errors/timeouts, see reward/*/errors): they "
                   "are skipped, not zero; check the reward functions", step, rec["reward/errors"], n_samples)
-    gen_tokens = _all_sum([sum(len(c.ids) for g in groups for c in g.completions)])[0]
+    gen_tokens = coll.all_sum([sum(len(c.ids) for g in groups for c in g.completions)])[0]
     step_time = time.perf_counter() - t0
     rec.update({f"time/{k}": v for k, v in timer.t.items()})
     rec.update({"time/step": step_time, "tokens_per_second": gen_tokens / step_time,
                 "memory/peak_gib": peak_memory_gib(st["device"])})
-    gathered: list[Any] = [None] * st["world"]
-    dist.all_gather_object(gathered, rollout_records(step, groups, step - 1) if cfg.log.rollouts else [])
+    gathered = coll.gather_objects(rollout_records(step, groups, step - 1) if cfg.log.rollouts else [])
     if st["rank"] == 0 and cfg.log.rollouts:
         write_records(run_dir / "rollouts" / f"step-{step:06d}.parquet", [r for p in gathered for r in p])
     return rec
@@ -507,7 +496,7 @@ def train(cfg: Config) -> Path:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    dist.barrier()
+    coll.barrier()
     sampler = PromptSampler(len(st["prompts"].rows), cfg.seed)
     ckpt_root = run_dir / "checkpoints"
     start, wandb_id = 0, None
@@ -584,7 +573,7 @@ def evaluate_only(cfg: Config) -> dict[str, float]:
     run_dir = Path(cfg.output_dir)
     if st["rank"] == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    coll.barrier()
     try:
         ev = evaluate(cfg, st, 0, run_dir)
         if st["rank"] == 0:

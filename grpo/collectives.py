@@ -1,0 +1,66 @@
+"""Every collective of the training ranks, in one place, on the device the backend takes.
+
+NCCL's default group takes CUDA tensors only: an all-reduce of a CPU tensor fails with "No backend type associated
+with device type cpu" (gloo, on CPU, takes CPU tensors). So the small values the loop agrees on (sums of
+statistics, a stop flag, a checkpoint verdict) are put on `backend_device()` before the collective and read back
+after it. `tests/test_collectives.py` checks that no other module calls a `torch.distributed` collective directly.
+(The weight broadcast to vLLM servers runs on its own process group with its own device rules: `grpo/serve.py`.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def backend_device() -> torch.device:
+    """Where the default group's tensors must live: the rank's GPU under NCCL, the CPU otherwise."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce(values: list[float], op: Any) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64).to(backend_device())
+    dist.all_reduce(t, op=op)
+    return t.cpu().tolist()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over the ranks."""
+    return _reduce(values, dist.ReduceOp.SUM)
+
+
+def all_max(values: list[float]) -> list[float]:
+    """Element-wise maximum over the ranks."""
+    return _reduce(values, dist.ReduceOp.MAX)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when the flag is set on any."""
+    return all_max([1.0 if flag else 0.0])[0] > 0
+
+
+def every_rank(flag: bool) -> bool:
+    """True on every rank when the flag is set on all of them."""
+    return _reduce([1.0 if flag else 0.0], dist.ReduceOp.MIN)[0] > 0
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable object, in rank order, on every rank."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable object, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    dist.barrier()

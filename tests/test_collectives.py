@@ -1,0 +1,65 @@
+"""Collectives go through grpo/collectives.py, which puts tensors where the backend takes them (NCCL: the rank's
+GPU; gloo: the CPU). Before it, five modules all-reduced CPU tensors, which NCCL refuses at the first evaluation of
+every GPU run ("No backend type associated with device type cpu")."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from grpo import collectives as coll
+from tests.conftest import ROOT
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+               "broadcast_object_list", "barrier", "reduce", "reduce_scatter", "gather", "gather_object", "scatter",
+               "all_to_all", "send", "recv")
+CALL = re.compile(r"\b(?:dist|torch\.distributed)\.(" + "|".join(COLLECTIVES) + r")\(")
+
+
+def test_no_module_calls_a_collective_directly():
+    offenders = []
+    for path in sorted((ROOT / "grpo").glob("*.py")) + sorted((ROOT / "rewards").glob("*.py")):
+        if path.name == "collectives.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if CALL.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "use grpo.collectives instead:\n" + "\n".join(offenders)
+
+
+def test_backend_device_follows_the_backend(monkeypatch):
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert coll.backend_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert coll.backend_device() == torch.device("cpu")
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_collectives_over_a_real_group(gloo_group, monkeypatch):
+    seen = []
+    real = dist.all_reduce
+
+    def strict(t, op=dist.ReduceOp.SUM, **kw):  # NCCL's rule, with the CPU standing in for the backend's device
+        seen.append(t.device)
+        assert t.device == coll.backend_device(), t.device
+        return real(t, op=op, **kw)
+
+    monkeypatch.setattr(dist, "all_reduce", strict)
+    assert coll.all_sum([1.5, 2.0]) == [1.5, 2.0]
+    assert coll.all_max([-1.0]) == [-1.0]
+    assert coll.any_rank(True) and not coll.any_rank(False)
+    assert coll.every_rank(True) and not coll.every_rank(False)
+    assert coll.gather_objects({"a": 1}) == [{"a": 1}]
+    assert coll.broadcast_object(("x", 2)) == ("x", 2)
+    coll.barrier()
+    assert len(seen) == 6
