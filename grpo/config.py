@@ -39,6 +39,13 @@ class ModelConfig:
     def validate(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which "
+                                  "scripts/setup.sh does not install (pip install flash-attn on a CUDA machine), "
+                                  "or use sdpa")
 
 
 @dataclass
