@@ -93,6 +93,13 @@ def ds_config(cfg: Config, micro_batch: int, grad_accum: int, train: bool = True
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.model.dtype == "bfloat16" and cfg.deepspeed.zero_stage <= 1:
+        # At stage 0 DeepSpeed runs bf16 through its FP16 unfused optimizer, which sums the micro-batches'
+        # gradients in bf16 (8 mantissa bits: small contributions round away over many accumulation steps).
+        # Stage 1 with fp32 gradient accumulation is its BF16_Optimizer: fp32 master weights and fp32 gradient
+        # sums (grpo plan counts both).
+        z["stage"] = 1
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
     if train:
         out["gradient_clipping"] = cfg.optim.max_grad_norm
         out["optimizer"] = {"type": "AdamW", "params": {

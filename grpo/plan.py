@@ -134,6 +134,8 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
     t: dict[str, float] = {}
     t["weights"] = P * b / (n if z == 3 else 1)
     t["gradients"] = P * b / (n if z >= 2 else 1)
+    if cfg.model.dtype == "bfloat16" and z <= 1:  # grpo.engine: BF16_Optimizer sums gradients in fp32
+        t["fp32 gradient accumulation"] = P * 4.0
     opt = P * (12 if mixed else 8)  # fp32 master copy + m + v, or m + v beside fp32 weights
     t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if z >= 1 else 1)
     if cfg.algo.beta > 0:
