@@ -34,12 +34,9 @@ def replica_checksums(engine: Any) -> list[list[float]] | None:
     """Every rank's (sum, sum of squares) of its full copy, below ZeRO-3 (where ranks hold full copies)."""
     if engine.zero_optimization_stage() == 3:
         return None
-    sums = [0.0, 0.0]
-    for p in engine.module.parameters():
-        x = p.detach().double()
-        sums[0] += float(x.sum())
-        sums[1] += float((x * x).sum())
-    return coll.gather_objects(sums)
+    from grpo.vllm_engine import checksum  # the weight checksum the engine syncs are checked with
+
+    return coll.gather_objects(list(checksum(engine.module.parameters())))
 
 
 def model_card(cfg_dict: dict[str, Any], final_metrics: dict[str, Any], base_model: str) -> str:

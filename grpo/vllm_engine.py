@@ -205,12 +205,16 @@ def weight_buckets(model: torch.nn.Module, bucket_bytes: int, zero3: bool
         yield from emit(bucket)
 
 
-def checksum(tensors) -> tuple[float, float]:
+def checksum(tensors, slice_numel: int = 1 << 24) -> tuple[float, float]:
+    """(sum, sum of squares) in float64, over slices of at most `slice_numel` values: a float64 copy of a whole
+    7B embedding would be 4 GiB of temporaries on a server GPU that is already full."""
     s = q = 0.0
     for t in tensors:
-        x = t.detach().double()
-        s += float(x.sum())
-        q += float((x * x).sum())
+        flat = t.detach().reshape(-1)
+        for i in range(0, flat.numel(), slice_numel):
+            x = flat[i : i + slice_numel].double()
+            s += float(x.sum())
+            q += float((x * x).sum())
     return s, q
 
 

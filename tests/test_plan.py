@@ -147,3 +147,11 @@ def test_flash_attention_without_the_package_is_refused_at_start_up():
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs the flash-attn"):
         load_config(RECIPE, ["model.attn_implementation=flash_attention_2"])
+
+
+def test_recipe_comments_name_recipes_that_exist():
+    import re
+
+    for path in (ROOT / "recipes").glob("*.yaml"):
+        for named in re.findall(r"recipes/[\w.-]+\.yaml", path.read_text()):
+            assert (ROOT / named).is_file(), f"{path.name} names {named}, which does not exist"

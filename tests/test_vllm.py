@@ -258,6 +258,10 @@ def test_checksums_compare_what_they_should():
     assert checksums_match(checksum(a), checksum(fused))
     assert not checksums_match(checksum(a), checksum([torch.tensor([1.0, -2.0, 3.001])]))
     assert not math.isnan(checksum([])[0])
+    # summed in slices (no whole-tensor float64 copy): the same figures as the whole-tensor sum
+    big = [torch.randn(1000, 37), torch.randn(5)]
+    whole = (sum(float(t.double().sum()) for t in big), sum(float((t.double() ** 2).sum()) for t in big))
+    assert checksums_match(checksum(big, slice_numel=999), whole, rel=1e-12)
 
 
 def test_server_mode_without_servers_is_named(tmp_path, vllm_tiny_dir):
