@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -69,23 +69,53 @@ class _SampledLogprobs(LogitsProcessor):
 
 
 class HFEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, gather_zero3: bool = False):
+    """transformers' `generate` on the trainer's own module.
+
+    Under ZeRO-3 every parameter is gathered once per `generate` call and DeepSpeed's module hooks are taken off
+    for its duration: with the hooks on, every decode step's forward gathers each layer again (a collective per
+    layer per token), and ranks whose completions end at different steps wait for each other forever. Without
+    them generation runs no collective at all, so each rank may stop whenever its own batch is done. `generate`
+    itself stays collective (the one gather): every rank calls it, with no prompts if it has none
+    (`collective_generate`)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, gather_zero3: bool = False,
+                 zero3_offload: Any = None):
         self.model = model
         self.tok = tokenizer
         self.batch_size = batch_size
         self.gather_zero3 = gather_zero3
+        self.collective_generate = gather_zero3
+        self.zero3_offload = zero3_offload  # DeepSpeed's DeepSpeedZeRoOffload (engine.optimizer.parameter_offload)
         self.eos_ids = stop_ids(tokenizer, model)
 
     def sync(self, model: torch.nn.Module) -> dict[str, float]:
         self.model = model  # same module: the weights are the trainer's own
         return {}
 
+    @contextlib.contextmanager
     def _gathered(self):
         if not self.gather_zero3:
-            return contextlib.nullcontext()
+            yield
+            return
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            off = self.zero3_offload
+            if off is None:
+                yield
+                return
+            # Off go the per-module hooks (gather and release around every forward) and the root's start-of-forward
+            # hook, whose coordinator reset compares the module order across ranks (a collective per forward).
+            for hook in [*off.forward_hooks, *off.backward_hooks, off.fwd_pre_hook]:
+                hook.remove()
+            off.forward_hooks, off.backward_hooks = [], []
+            try:
+                yield
+            finally:  # back before the parameters are partitioned again, and before the next training forward
+                off._register_deepspeed_module(off.module)  # also invalidates the coordinator's trace, on every rank
+                coordinator = off.get_param_coordinator
+                off.fwd_pre_hook = off.module.register_forward_pre_hook(
+                    lambda module, *args: coordinator().reset_step(), prepend=True)  # DeepSpeed's, in its place
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:

@@ -114,7 +114,8 @@ def setup(cfg: Config) -> dict[str, Any]:
                               cfg.optim.micro_batch_size, shape.grad_accum)
         ref.to(engine.device)
     check_lengths(cfg, model, prompts)
-    rollout = build_rollout(cfg, engine.module, tok, model_path, device, rank, world, prompts.rows[0]["prompt_ids"])
+    rollout = build_rollout(cfg, engine.module, tok, model_path, device, rank, world, prompts.rows[0]["prompt_ids"],
+                            getattr(engine.optimizer, "parameter_offload", None))
     return dict(device=device, rank=rank, world=world, shape=shape, tok=tok, prompts=prompts, held=held,
                 rewards=rewards, engine=engine, ref=ref, rollout=rollout, model_path=model_path, pool=pool)
 
@@ -138,10 +139,11 @@ def check_lengths(cfg: Config, model: torch.nn.Module, prompts) -> None:
 
 
 def build_rollout(cfg: Config, model: torch.nn.Module, tok, model_path: str, device: str, rank: int, world: int,
-                  probe_prompt: list[int]):
+                  probe_prompt: list[int], zero3_offload: Any = None):
     """The rollout engine the recipe names (see grpo/rollout.py for the interface)."""
     if cfg.rollout.engine == "hf":
-        return HFEngine(model, tok, cfg.rollout.generation_batch_size, gather_zero3=cfg.deepspeed.zero_stage == 3)
+        return HFEngine(model, tok, cfg.rollout.generation_batch_size, gather_zero3=cfg.deepspeed.zero_stage == 3,
+                        zero3_offload=zero3_offload)
     from grpo.vllm_engine import VLLMEngine, probe_ids
 
     probe = probe_ids(tok, probe_prompt)
@@ -346,7 +348,9 @@ def evaluate(cfg: Config, st: dict[str, Any], step: int, run_dir: Path) -> dict[
     rows = held.rows[rank::world]
     params = SamplingParams(cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.temperature,
                             greedy=k == 1)
-    comps = st["rollout"].generate([r["prompt_ids"] for r in rows], k, params) if rows else []
+    # a rank with no held-out rows still takes part when generating is collective (ZeRO-3's one gather)
+    collective = getattr(st["rollout"], "collective_generate", False)
+    comps = st["rollout"].generate([r["prompt_ids"] for r in rows], k, params) if rows or collective else []
     records, correct, solved, rew_sum, n = [], 0.0, 0.0, 0.0, 0
     acc_name = "accuracy" if any(r.name == "accuracy" for r in st["rewards"]) else st["rewards"][0].name
     if rows:

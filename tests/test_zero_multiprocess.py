@@ -56,3 +56,23 @@ def test_two_process_zero(tmp_path, tiny_model_dir, stage):
     roll = pd.read_parquet(run / "rollouts" / "step-000001.parquet")
     assert len(roll) == 8 and roll["prompt_id"].nunique() == 2
     assert len(pd.read_parquet(run / "eval" / "step-000002.parquet")) == 8
+
+
+@pytest.mark.slow
+def test_zero3_generation_with_ranks_stopping_apart(tiny_model_dir):
+    """HF generation under ZeRO-3 on two ranks whose completions end at different steps (and one rank with no prompts
+    at all): DeepSpeed's hooks used to gather every layer at every decode step, so the rank still decoding waited
+    in a collective the other never joined (a hang, or a crash at its next collective)."""
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(_port()), str(ROOT / "tests" / "zero3_generate_worker.py"), str(tiny_model_dir),
+                        str(ROOT / "recipes" / "smollm2-135m-arith.yaml")],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "rank 0 lengths [2, 2]" in p.stdout and "rank 1 lengths [24, 24]" in p.stdout
+    assert "rank 0 trained, ranks 2" in p.stdout and "rank 1 trained, ranks 2" in p.stdout
