@@ -76,8 +76,66 @@ def flat_buckets(tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, lis
 
 # ---------------------------------------------------------------------------------------------- server
 
+class RequestMerger:
+    """Generation requests that arrive together run as one engine call.
+
+    With W training ranks a server gets W requests per step (each rank's share of whole groups). Run one at a time
+    behind the engine lock, vLLM would see a 1/W batch each time and the server would idle between them. Here the
+    first request waits until the `expect` requests of its step are in (each says how many ranks send one), or at
+    most `max_wait` seconds, then all of them go to the engine in one call, each prompt with its own sampling
+    parameters, and every caller gets its own results back."""
+
+    def __init__(self, run, max_wait: float = 1.0):
+        self.run = run  # (prompts, per-prompt sampling params) -> per-prompt outputs
+        self.max_wait = max_wait
+        self.cond = threading.Condition()
+        self.pending: list[dict[str, Any]] = []
+        self.leader_busy = False
+
+    def submit(self, prompts: list[Any], params: list[Any], expect: int = 1) -> list[Any]:
+        me = {"prompts": prompts, "params": params, "done": False, "out": None, "error": None}
+        with self.cond:
+            self.pending.append(me)
+            self.cond.notify_all()  # a leader may be waiting for this one
+            if self.leader_busy:  # a leader is collecting or running: it takes this request, or the next one will
+                while not me["done"] and self.leader_busy:
+                    self.cond.wait()
+                if me["done"]:
+                    return self._result(me)
+            self.leader_busy = True
+        batch: list[dict[str, Any]] = []
+        try:
+            deadline = time.monotonic() + self.max_wait
+            with self.cond:  # the other ranks' requests of this step
+                while len(self.pending) < expect and time.monotonic() < deadline:
+                    self.cond.wait(deadline - time.monotonic())
+                batch, self.pending = self.pending, []
+            try:
+                outs = self.run([p for r in batch for p in r["prompts"]], [s for r in batch for s in r["params"]])
+                at = 0
+                for r in batch:
+                    r["out"], at = outs[at : at + len(r["prompts"])], at + len(r["prompts"])
+            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+                for r in batch:
+                    r["error"] = e
+        finally:
+            with self.cond:
+                for r in batch:
+                    r["done"] = True
+                self.leader_busy = False
+                self.cond.notify_all()
+        return self._result(me)
+
+    @staticmethod
+    def _result(r: dict[str, Any]) -> list[Any]:
+        if r["error"] is not None:
+            raise r["error"]
+        return r["out"]
+
+
 class GenerationServer:
-    """vLLM behind a small HTTP API. One lock serialises the engine (generate, weight loading, probes)."""
+    """vLLM behind a small HTTP API. One lock serialises the engine (generate, weight loading, probes);
+    concurrent generation requests are merged into one engine call (RequestMerger)."""
 
     def __init__(self, cfg: Config, model_path: str, device: str, model_limit: int | None):
         from grpo.vllm_engine import build_llm, llm_kwargs
@@ -86,21 +144,27 @@ class GenerationServer:
         self.device = device
         self.llm = build_llm(llm_kwargs(cfg, model_path, device, cfg.seed, False, model_limit))
         self.lock = threading.Lock()
+        self.merger = RequestMerger(self._run)
+        self.batch_sizes: list[int] = []  # prompts per engine call (the last 100), reported by /health
         self.group = None
         self.store = None
         self.version = 0  # weight syncs received
 
     def health(self, _req: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "version": self.version, "model": self.cfg.model.path}
+        return {"ok": True, "version": self.version, "model": self.cfg.model.path, "batch_sizes": self.batch_sizes}
 
     def generate(self, req: dict[str, Any]) -> dict[str, Any]:
         from grpo.vllm_engine import sample_dicts, vllm_sampling_params
 
         params = SamplingParams(req["max_new_tokens"], req["temperature"], req["top_p"], req["greedy"])
         sp = vllm_sampling_params(params, req["n"], req["stop_ids"])
-        with self.lock:
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in req["prompts"]], sp, use_tqdm=False)
+        outs = self.merger.submit(list(req["prompts"]), [sp] * len(req["prompts"]), int(req.get("ranks", 1)))
         return {"samples": [sample_dicts(o) for o in outs]}
+
+    def _run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
+        with self.lock:
+            self.batch_sizes = (self.batch_sizes + [len(prompts)])[-100:]
+            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
     def sync_init(self, req: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -271,7 +335,8 @@ class ServerEngine:
         # each prompt for the group's n samples).
         shares = [prompts[i * len(prompts) // k : (i + 1) * len(prompts) // k] for i in range(k)]
         body = {"n": n, "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "greedy": params.greedy, "stop_ids": self.stop_ids}
+                "top_p": params.top_p, "greedy": params.greedy, "stop_ids": self.stop_ids,
+                "ranks": self.world}  # the server merges the requests of a step's ranks into one engine call
         calls = [lambda u=u, s=s: post(u, "/generate", {**body, "prompts": s}, self.timeout)["samples"]
                  if s else [] for u, s in zip(self.urls, shares, strict=True)]
         out: list[list[Completion]] = []

@@ -312,6 +312,10 @@ class VLLMEngine:
 
     def _wake(self, tags: list[str] | None = None) -> None:
         if self.asleep:
+            # The trainer's freed activations and gradients sit in PyTorch's caching allocator, where vLLM's own
+            # allocator cannot reach them: hand them back to the driver before vLLM maps its weights and KV cache.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=tags)
             self.asleep = tags is not None and "kv_cache" not in tags
 

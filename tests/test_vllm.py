@@ -283,3 +283,8 @@ def test_server_mode_two_training_ranks(tmp_path, vllm_tiny_dir, zero):
         m = metrics(run)
         assert [r["step"] for r in m] == [1, 2]
         assert all(r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 for r in m)
+        # each step's two requests (one prompt per rank) reached the engine as one call of 2 prompts, never 1
+        from grpo.serve import post
+
+        sizes = post(url, "/health", {}, 10)["batch_sizes"]
+        assert sizes.count(2) >= 2 and 1 not in sizes, sizes
