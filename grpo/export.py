@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from grpo import collectives as coll
+from grpo.vllm_engine import checksum, checksums_match  # the weight checksum engine syncs are checked with
 
 
 def state_dict_on_rank0(engine: Any) -> dict[str, torch.Tensor] | None:
@@ -34,8 +35,6 @@ def replica_checksums(engine: Any) -> list[list[float]] | None:
     """Every rank's (sum, sum of squares) of its full copy, below ZeRO-3 (where ranks hold full copies)."""
     if engine.zero_optimization_stage() == 3:
         return None
-    from grpo.vllm_engine import checksum  # the weight checksum the engine syncs are checked with
-
     return coll.gather_objects(list(checksum(engine.module.parameters())))
 
 
@@ -58,11 +57,11 @@ def model_card(cfg_dict: dict[str, Any], final_metrics: dict[str, Any], base_mod
     return "\n".join(lines)
 
 
-def _raise_on_every_rank(error: str | None) -> None:
+def _raise_on_every_rank(error: str | None, kind: type[Exception] = RuntimeError) -> None:
     """Rank 0's failure, shared: a rank that raised alone would leave the others waiting in the next collective."""
     error = coll.broadcast_object(error)
     if error is not None:
-        raise RuntimeError(error)
+        raise kind(error)
 
 
 def save_final(engine: Any, tokenizer: Any, out: Path, cfg_dict: dict[str, Any],
@@ -72,8 +71,7 @@ def save_final(engine: Any, tokenizer: Any, out: Path, cfg_dict: dict[str, Any],
     every = replica_checksums(engine)
     state = state_dict_on_rank0(engine)
     error = None  # every rank computes the same verdict on the checksums; rank 0's is the one shared
-    if every is not None and any(abs(e[0] - every[0][0]) > 1e-6 * (1 + abs(every[0][0]))
-                                 or abs(e[1] - every[0][1]) > 1e-6 * (1 + every[0][1]) for e in every):
+    if every is not None and not all(checksums_match(every[0], e, rel=1e-6) for e in every):
         error = f"ranks disagree on the final weights: {every}"
     if rank == 0:
         try:
@@ -116,9 +114,7 @@ def check_hub_token_on_rank0(repo_id: str | None) -> None:
             check_hub_token(repo_id)
         except ConfigError as e:
             error = str(e)
-    error = coll.broadcast_object(error)
-    if error is not None:
-        raise ConfigError(error)
+    _raise_on_every_rank(error, ConfigError)
 
 
 def check_hub_token(repo_id: str | None) -> None:

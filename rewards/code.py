@@ -28,8 +28,8 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from rewards.math import completion_texts
 from rewards.sandbox import Limits, run_python
+from rewards.text import completion_texts
 
 # Call-based problems (LeetCode, APPS, LiveCodeBench) are written against a judge that has already imported the
 # usual modules (`List`, `defaultdict`, `heapq` without an import line); peers' harnesses do the same.

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rewards.math import completion_texts
+from rewards.text import completion_texts
 
 # Anchored, no nested quantifiers: linear time on hostile input.
 _THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)

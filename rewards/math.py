@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
+from rewards.text import completion_texts
+
 # Linear-time patterns only (no nested quantifiers): completions can be 100k characters of hostile text.
 # A number's sign counts only where it cannot be a binary operator (`10-7` ends in 7, not -7).
 _NUMBER = re.compile(r"(?<![\w)\]}])[+-]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\w)\]}])[+-]?\.\d+")
@@ -309,20 +311,6 @@ def answers_match(gold: str, pred: str, precision: int = 6, strict: bool = True,
             except Exception:  # noqa: BLE001 - a pair sympy cannot compare is no match; a timeout propagates
                 continue
     return False
-
-
-def completion_texts(completions: Sequence[Any]) -> list[str]:
-    """Completions as text, whether they are strings or conversational (a list of messages, as TRL passes them for
-    chat data sets: the assistant turn's `content`)."""
-    out = []
-    for c in completions:
-        if isinstance(c, str):
-            out.append(c)
-        elif isinstance(c, (list, tuple)) and c and isinstance(c[-1], dict) and "content" in c[-1]:
-            out.append("".join(str(m.get("content") or "") for m in c if m.get("role", "assistant") == "assistant"))
-        else:
-            raise TypeError(f"a completion must be a string or a list of messages, got {type(c).__name__}")
-    return out
 
 
 def accuracy(completions: Sequence[Any], answer: Sequence[Any], extract: str = "last_number",

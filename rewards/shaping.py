@@ -14,7 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from rewards.math import accuracy, completion_texts
+from rewards.math import accuracy
+from rewards.text import completion_texts
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)

@@ -16,8 +16,9 @@ from typing import Any
 
 from rewards.code import code_tests
 from rewards.format import code_format, think_answer
-from rewards.math import accuracy, completion_texts
+from rewards.math import accuracy
 from rewards.shaping import cosine_length, len_reward, reasoning_steps, repetition_penalty, soft_overlong, tag_count
+from rewards.text import completion_texts
 
 DATA = Path(__file__).parent / "data" / "peers"
 
