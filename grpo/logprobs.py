@@ -2,8 +2,8 @@
 
 The transformer body runs once per micro-batch; only the hidden states of positions that predict a completion
 token are kept ([T, H], prompt positions dropped), and the vocabulary projection + log-softmax runs over those in
-chunks of `chunk_size` tokens. Under autograd each chunk is checkpointed, so at most one chunk's [chunk, V] fp32
-logits is alive at a time, in the forward and in the backward.
+chunks of `chunk_size` tokens inside one autograd function that recomputes each chunk's logits in its backward, so
+at most one chunk's [chunk, V] fp32 logits is alive at a time, and the head is entered once per micro-batch.
 
 Three layouts of the micro-batch, all giving the same numbers:
 - `prefix` (default): a GRPO group shares its prompt, so each distinct prompt runs through the body once, in one
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from grpo import prefix_attention
 from grpo.prefix_attention import PrefixLayout
@@ -111,22 +110,88 @@ def build_micro_batch(seqs: list[Sequence], pad_id: int, layout: str = "prefix",
                       t(seq_len), prefix)
 
 
-def _head_chunk(head: torch.nn.Module, h: torch.Tensor, tgt: torch.Tensor, inv_temp: float,
-                entropy: list[torch.Tensor]) -> torch.Tensor:
-    """Logprobs of `tgt` for one chunk; appends the chunk's (detached) entropies to `entropy` on the first call only.
-    Under checkpointing this function runs again in backward with the same arguments: the entropy (a softmax over
-    the whole vocabulary, without gradient) is not recomputed there."""
-    first = not entropy
-    logits = head(h).float()  # [chunk, V] in fp32: the only full-vocabulary tensors alive are this chunk's
-    if inv_temp != 1.0:
-        logits = logits * inv_temp
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, tgt[:, None]).squeeze(-1) - logz
-    if first:
-        with torch.no_grad():
-            probs = torch.exp(logits.detach() - logz.detach()[:, None])
-            entropy.append(logz.detach() - torch.linalg.vecdot(probs, logits.detach()))
-    return logp
+class _HeadLogprobs(torch.autograd.Function):
+    """Logprobs of `targets` under softmax((h W^T + b) / temperature), projected `chunk` rows at a time in the
+    forward and again in the backward, so at most one chunk's [chunk, V] fp32 logits is alive at a time.
+
+    Why one function rather than the head module called per chunk under checkpointing: ZeRO-3 gathers the head's
+    weight at every call of the module and again at every recomputation, so a rank with more completion tokens
+    issued more gathers than its peers (a hang or a crash), and the weight (1 GB at 7B) was gathered per chunk.
+    Here the module is entered once per micro-batch: one gather in the forward, one in the backward, on every rank.
+    The entropies (detached) are appended to `entropy_out`, not returned: an output DeepSpeed wraps for its backward
+    hooks must be one that takes part in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                inv_temp: float, chunk: int, entropy_out: list[torch.Tensor]) -> torch.Tensor:
+        logp = hidden.new_empty(targets.shape, dtype=torch.float32)
+        logz = torch.empty_like(logp)
+        ent = torch.empty_like(logp)
+        for lo in range(0, targets.numel(), chunk):
+            hi = min(lo + chunk, targets.numel())
+            logits = _logits(hidden[lo:hi], weight, bias, inv_temp)
+            logz[lo:hi] = torch.logsumexp(logits, dim=-1)
+            logp[lo:hi] = logits.gather(-1, targets[lo:hi, None]).squeeze(-1) - logz[lo:hi]
+            probs = torch.exp(logits - logz[lo:hi, None])
+            ent[lo:hi] = logz[lo:hi] - torch.linalg.vecdot(probs, logits)
+        entropy_out.append(ent)
+        ctx.save_for_backward(hidden, weight, bias, targets, logz)
+        ctx.inv_temp, ctx.chunk = inv_temp, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, bias, targets, logz = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        for lo in range(0, targets.numel(), ctx.chunk):
+            hi = min(lo + ctx.chunk, targets.numel())
+            # d logp_i / d logits_ij = (1[j = target_i] - p_ij) / temperature, built in place in one buffer
+            d = _logits(hidden[lo:hi], weight, bias, ctx.inv_temp).sub_(logz[lo:hi, None]).exp_()
+            g = grad[lo:hi].float()
+            d.mul_(-g[:, None])
+            d[torch.arange(hi - lo, device=d.device), targets[lo:hi]] += g
+            d = d.mul_(ctx.inv_temp).to(weight.dtype)
+            if need_h:
+                grad_h[lo:hi] = d @ weight
+            if need_w:
+                grad_w.addmm_(d.t(), hidden[lo:hi])
+            if need_b:
+                grad_b += d.sum(0)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inv_temp: float) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()  # [chunk, V] in fp32: the only full-vocabulary tensor of the chunk
+    return logits.mul_(inv_temp) if inv_temp != 1.0 else logits
+
+
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs [T] and detached entropies [T] of `targets` after the output projection `head` of `hidden` [T, H].
+
+    The head module is called exactly once (with its forward swapped for the chunked function for that call), so
+    module hooks run once: DeepSpeed ZeRO-3 gathers the weight once for the forward and once for the backward."""
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"the model's output embeddings are a {type(head).__name__}, not a torch.nn.Linear: the "
+                        "chunked vocabulary projection does not know how to apply it")
+    entropy: list[torch.Tensor] = []
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        return _HeadLogprobs.apply(h, head.weight, head.bias, targets, 1.0 / temperature, chunk_size, entropy)
+
+    own = head.__dict__.get("forward")
+    head.forward = forward
+    try:
+        logp = head(hidden)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    return logp, entropy[0]
 
 
 def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float = 1.0,
@@ -134,7 +199,6 @@ def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: flo
     """Logprobs [T] (differentiable when grad is enabled) and entropies [T] (detached) of the completion tokens,
     under softmax(logits / temperature): the distribution the rollout engine sampled from."""
     body = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
     extra = {}
     if mb.prefix is not None:
         if not prefix_attention.supports(model):
@@ -149,16 +213,7 @@ def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: flo
         raise RuntimeError(f"{type(model).__name__}'s attention does not go through transformers' attention "
                            "functions, so optim.layout=prefix cannot shape it; set optim.layout=padded")
     hidden = out.last_hidden_state[mb.rows, mb.cols]  # [T, H]
-    inv_temp = 1.0 / temperature
-    logps, ents = [], []
-    for h, tgt in zip(hidden.split(chunk_size), mb.targets.split(chunk_size), strict=False):
-        ent: list[torch.Tensor] = []
-        if torch.is_grad_enabled():
-            logps.append(checkpoint(_head_chunk, head, h, tgt, inv_temp, ent, use_reentrant=False))
-        else:
-            logps.append(_head_chunk(head, h, tgt, inv_temp, ent))
-        ents += ent
-    return torch.cat(logps), torch.cat(ents)
+    return head_logprobs(model.get_output_embeddings(), hidden, mb.targets, temperature, chunk_size)
 
 
 def reference_logprobs(model: torch.nn.Module, seqs: list[Sequence], temperature: float = 1.0) -> list[torch.Tensor]:

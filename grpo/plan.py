@@ -10,7 +10,7 @@ see which knob moves which term:
   SDPA attention; with gradient checkpointing only each layer's input plus one layer recomputed; the prefix layout
   runs each distinct prompt of a micro-batch once and adds its attention's gathered keys/values and mask), the chunked
   vocabulary projection (`optim.logprob_chunk_size` x vocab x fp32, three live copies), and under ZeRO-3 two
-  layers' gathered parameters;
+  layers' gathered parameters (or the gathered head and its full gradient, when larger);
 - generation: colocated vLLM holds `rollout.vllm.gpu_memory_utilization` of the device while it samples and
   sleeps (releases it) during the update; the HF engine needs the KV cache of `rollout.generation_batch_size`
   sequences and a few fp32 [batch, vocab] score tensors;
@@ -158,8 +158,8 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
         work = b * (2 * m * seq * kv + 2 * m * new * s.hidden) + m * new * seq * (1 + b)
         t["prefix attention"] = work * (1 if ckpt else s.layers)
     t["logprob chunks"] = 3 * min(cfg.optim.logprob_chunk_size, tokens) * s.vocab * 4
-    if z == 3:
-        t["zero-3 gathered layers"] = 2 * s.layer_params() * b
+    if z == 3:  # two layers in flight, or, during the vocabulary projection, the head and its unreduced gradient
+        t["zero-3 gathered layers"] = max(2 * s.layer_params(), 2 * s.vocab * s.hidden) * b
     kv_token = 2 * s.layers * s.kv_dim * b
     if cfg.rollout.engine == "vllm" and device == "cuda":
         t["colocated vLLM (while sampling)"] = cfg.rollout.vllm.gpu_memory_utilization * (memory_gib or 0) * GIB

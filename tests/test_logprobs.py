@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs, reference_logprobs
+from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs, head_logprobs, reference_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_entropies_match_full_softmax(model):
         p = len(s.prompt_ids)
         dist = torch.distributions.Categorical(logits=logits[p - 1 : -1])
         ref.append(dist.entropy())
-    with torch.enable_grad():  # the checkpointed path, entropies from its first call
+    with torch.enable_grad():  # the differentiable path
         _, ent = completion_logprobs(model, build_micro_batch(seqs, 0, "prefix"), 0.7, chunk_size=4)
     assert torch.allclose(ent, torch.cat(ref).detach(), atol=1e-5)
 
@@ -172,3 +172,41 @@ def test_prefix_layout_with_an_empty_completion(model):
     seqs = [Sequence([5, 6, 7], [8, 9]), Sequence([5, 6, 7], []), Sequence([5, 6, 7], [10])]
     lp, _ = completion_logprobs(model, build_micro_batch(seqs, 0, "prefix"))
     assert torch.allclose(lp, torch.cat(reference_logprobs(model, [seqs[0], seqs[2]])), atol=1e-5)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_head_with_bias_against_autograd_of_full_logits(frozen):
+    """The hand-written backward of the chunked projection against autograd through full fp64 logits: hidden, weight
+    and bias gradients at temperature 0.7 with 5 chunks of 3 (the last one short), and none for a frozen head."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(8, 11, bias=True)
+    head.weight.requires_grad_(not frozen)
+    head.bias.requires_grad_(not frozen)
+    hidden = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (13,))
+    g = torch.randn(13)
+    calls = []
+    head.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    lp, ent = head_logprobs(head, hidden, targets, temperature=0.7, chunk_size=3)
+    (lp * g).sum().backward()
+    assert calls == [(13, 8)]  # the module is entered once, whatever the number of chunks
+    assert "forward" not in head.__dict__  # the swap is undone
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = head.weight.detach().double().requires_grad_()
+    b64 = head.bias.detach().double().requires_grad_()
+    logp = torch.log_softmax((h64 @ w64.T + b64) / 0.7, dim=-1)
+    ref = logp.gather(-1, targets[:, None]).squeeze(-1)
+    (ref * g.double()).sum().backward()
+    assert torch.allclose(lp.double(), ref.detach(), atol=1e-5)
+    assert torch.allclose(ent.double(), -(logp.exp() * logp).sum(-1).detach(), atol=1e-5)
+    assert torch.allclose(hidden.grad.double(), h64.grad, atol=1e-5)
+    if frozen:
+        assert head.weight.grad is None and head.bias.grad is None
+    else:
+        assert torch.allclose(head.weight.grad.double(), w64.grad, atol=1e-5)
+        assert torch.allclose(head.bias.grad.double(), b64.grad, atol=1e-5)
+
+
+def test_head_that_is_not_linear_is_refused():
+    with pytest.raises(TypeError, match="not a torch.nn.Linear"):
+        head_logprobs(torch.nn.Embedding(5, 4), torch.randn(2, 4), torch.tensor([0, 1]))
