@@ -108,7 +108,7 @@ class VLLMConfig:
     sync_bucket_mb: int = 256  # weights are gathered and sent in buckets of this size
     timeout: float = 600.0  # seconds for any request to a server or collective with it; past it: an error
     canary: str = "error"  # error | warn | off: what a failed sync check does
-    canary_tolerance: float = 0.05  # max mean |engine - trainer| logprob on the probe sequence
+    canary_tolerance: float | None = None  # max mean |engine - trainer| probe logprob; None: per model.dtype
 
     def validate(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -120,7 +120,8 @@ class VLLMConfig:
         _positive("rollout.vllm.sync_bucket_mb", self.sync_bucket_mb)
         _positive("rollout.vllm.timeout", self.timeout)
         _choice("rollout.vllm.canary", self.canary, ("error", "warn", "off"))
-        _positive("rollout.vllm.canary_tolerance", self.canary_tolerance)
+        if self.canary_tolerance is not None:
+            _positive("rollout.vllm.canary_tolerance", self.canary_tolerance)
         for i, url in enumerate(self.servers):
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"rollout.vllm.servers[{i}]: {url!r} is not an http:// URL")

@@ -250,16 +250,32 @@ class SyncCheck:
                 "sync/checksum_ok": float(checksums_match(self.sent, self.held))}
 
 
+# Default canary tolerances (mean |engine - trainer| logprob on the probe), per model.dtype. Calibrated on the embedded
+# model, vLLM's CPU build against the HF forward (benchmarks/canary_calibration.py): healthy syncs measured 6e-6 in
+# float32 and 0.049-0.068 in bfloat16 (bf16 kernels round differently, a few probe tokens move by 0.4); a wrong
+# name mapping (one layer's MLP loaded from the next) measured 0.74 in both; one layer's MLP scaled by 2% measured
+# 0.024 in float32 and is lost in bf16's noise (0.055), which the checksum catches instead. float16 carries 3 more
+# mantissa bits than bfloat16, so its kernel noise is about 8x smaller.
+CANARY_TOLERANCE = {"float32": 0.005, "bfloat16": 0.25, "float16": 0.1}
+
+
+def canary_tolerance(cfg: Config) -> float:
+    v = cfg.rollout.vllm
+    return v.canary_tolerance if v.canary_tolerance is not None else CANARY_TOLERANCE[cfg.model.dtype]
+
+
 def judge(check: SyncCheck, cfg: Config, where: str) -> None:
     """Fail (or warn, if the recipe says so) when the engine does not hold the trainer's weights."""
     v = cfg.rollout.vllm
+    tol = canary_tolerance(cfg)
     problems = []
     if not checksums_match(check.sent, check.held):
         problems.append(f"weight checksum differs: trainer sent sum={check.sent[0]:.9g} sumsq={check.sent[1]:.9g}, "
                         f"engine holds sum={check.held[0]:.9g} sumsq={check.held[1]:.9g}")
-    if not check.canary_mean_abs <= v.canary_tolerance:  # NaN fails too
+    if not check.canary_mean_abs <= tol:  # NaN fails too
         problems.append(f"canary: mean |engine - trainer| logprob on the probe is {check.canary_mean_abs:.4g} "
-                        f"(max {check.canary_max_abs:.4g}), above rollout.vllm.canary_tolerance={v.canary_tolerance}")
+                        f"(max {check.canary_max_abs:.4g}), above rollout.vllm.canary_tolerance={tol:g}"
+                        + ("" if v.canary_tolerance is not None else f" (the default for {cfg.model.dtype})"))
     if not problems or v.canary == "off":
         return
     msg = f"weight sync to {where} failed: " + "; ".join(problems)

@@ -288,3 +288,21 @@ def test_server_mode_two_training_ranks(tmp_path, vllm_tiny_dir, zero):
 
         sizes = post(url, "/health", {}, 10)["batch_sizes"]
         assert sizes.count(2) >= 2 and 1 not in sizes, sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_canary_default_passes_healthy_and_fails_broken_syncs(embedded_dir, dtype):
+    """The per-dtype default tolerance sits between what a healthy sync measures and what a wrong name mapping
+    measures, on the real embedded model (vLLM's CPU kernels against the HF forward). bf16's healthy noise (about
+    0.06 here) failed the old single default of 0.05."""
+    from benchmarks.canary_calibration import measure
+    from grpo.vllm_engine import CANARY_TOLERANCE
+
+    m = measure(str(embedded_dir), dtype)
+    tol = CANARY_TOLERANCE[dtype]
+    healthy = [v[0] for k, v in m.items() if k.startswith("healthy")]
+    assert len(healthy) == 3 and max(healthy) < tol / 3, m
+    assert m["broken_mlp_from_next_layer"][0] > 2 * tol, m
+    if dtype == "float32":  # a 2% scale of one layer is within bf16's noise, not float32's
+        assert m["broken_mlp_scaled_2pct"][0] > 2 * tol, m
