@@ -23,8 +23,16 @@ PROMPTS = ["What is 17 * 23? Answer with a number.", "Solve: 3 + 5 * 2 - 7 =", "
 def measure(model_dir: str, dtype: str) -> dict[str, tuple[float, float]]:
     from grpo.config import load_config
     from grpo.model import load_model, load_tokenizer
-    from grpo.vllm_engine import (build_llm, canary_diff, finish_sync, llm_kwargs, load_weights, probe_ids,
-                                  probe_logprobs_vllm, trainer_probe_logprobs)
+    from grpo.vllm_engine import (
+        build_llm,
+        canary_diff,
+        finish_sync,
+        llm_kwargs,
+        load_weights,
+        probe_ids,
+        probe_logprobs_vllm,
+        trainer_probe_logprobs,
+    )
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "recipes", "smollm2-135m-arith.yaml"),
                       [f"model.dtype={dtype}", "rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.25"])

@@ -301,7 +301,7 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                 # DeepSpeed averages gradients over ranks; each rank's loss is already a share of the global sum.
                 engine.backward(parts.loss * world, scale_wrt_gas=False)
                 if k == len(chunks) - 1 and engine.zero_optimization_stage() == 0:
-                    pre_clip_norm = _local_grad_norm(model)  # ZeRO-0 does not record it
+                    pre_clip_norm = stage0_grad_norm(engine, model)  # DeepSpeed does not record it unscaled
                 engine.step()
                 stats["clipped"] += parts.clip_frac_num  # over every pass: with one pass the ratio is 1
                 stats["clip_tokens"] += len(logp)
@@ -328,9 +328,14 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
             "lr": engine.get_lr()[0]}
 
 
-def _local_grad_norm(model: torch.nn.Module) -> float:
+def stage0_grad_norm(engine, model: torch.nn.Module) -> float:
+    """The pre-clip gradient norm at ZeRO stage 0, read before `engine.step()` clears the gradients. DeepSpeed does
+    not record it for fp32 there, and for fp16 its optimizer (FP16_UnfusedOptimizer with torch's AdamW) records
+    the norm of the loss-scaled gradients: a logged norm 65536 times too large. Here the scale in force for this
+    backward is divided out (the step may change it)."""
     sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in model.parameters() if p.grad is not None)
-    return math.sqrt(sq)
+    scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
+    return math.sqrt(sq) / scale
 
 
 def _ds_grad_norm(engine) -> float:

@@ -3,7 +3,8 @@
 Two ways to drive vLLM, behind the same interface as `HFEngine` (`generate`, `sync`):
 - `VLLMEngine`: colocated, in the trainer process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). After each update the
   trainer's parameters are streamed into vLLM's model in buckets (under ZeRO-3 one bucket is gathered at a time,
-  so the full model is never materialised twice); on CUDA the engine sleeps while the trainer updates.
+  so the full model is never materialised twice); on CUDA the engine sleeps while the trainer updates (level 2:
+  its weights are discarded, as the sync rewrites them all).
 - `grpo.serve.ServerEngine`: vLLM servers on other GPUs or nodes (see `grpo/serve.py`).
 
 Every sync is checked twice, because a silently stale or mangled engine trains the policy on samples from a
@@ -311,20 +312,27 @@ class VLLMEngine:
         self.zero3 = cfg.deepspeed.zero_stage == 3
         self.llm = build_llm(llm_kwargs(cfg, model_path, device, cfg.seed + rank, True, model_limit))
         self.can_sleep = device != "cpu" and cfg.rollout.vllm.sleep
-        self.asleep = False
+        self.asleep = self.discarded = False
         self.corrupt_hook = None  # tests: a function applied to each bucket before it is loaded
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        if self.discarded:
+            raise RuntimeError("the colocated vLLM engine discarded its weights in release(); sync before generate")
         self._wake()
         sp = vllm_sampling_params(params, n, self.stop_ids)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return [completions(p, sample_dicts(o), self.tok) for p, o in zip(prompts, outs, strict=True)]
 
     def release(self) -> None:
-        """Free the KV cache and offload the weights while the trainer updates (CUDA only)."""
+        """Free the KV cache and the weights while the trainer updates (CUDA only).
+
+        Level 2 discards the weights rather than copying them to host memory (level 1): the next `sync` rewrites
+        every parameter anyway (its checksum covers all of the engine's parameters, so one left unwritten fails
+        it), and level 1 would cost a host copy of the model and two PCIe transfers per step. vLLM keeps the
+        buffers (rotary tables) across level 2 itself. Generating before that sync is refused."""
         if self.can_sleep and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+            self.llm.sleep(level=2)
+            self.asleep = self.discarded = True
 
     def _wake(self, tags: list[str] | None = None) -> None:
         if self.asleep:
@@ -347,7 +355,7 @@ class VLLMEngine:
                 bucket = self.corrupt_hook(bucket)
             load_weights(self.llm, bucket)
         self._wake(["kv_cache"] if self.asleep else None)
-        self.asleep = False
+        self.asleep = self.discarded = False
         held, engine_lp = finish_sync(self.llm, self.probe)
         mean_abs, max_abs = canary_diff(engine_lp, trainer_probe_logprobs(model, self.probe))
         check = SyncCheck((sent[0], sent[1]), held, mean_abs, max_abs)

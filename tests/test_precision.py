@@ -46,3 +46,44 @@ def test_bf16_sums_gradients_in_fp32(tiny_model_dir, tmp_path):
     assert "data_types" not in ds_config(load_config(recipe), 2, 4)  # fp32 needs none
     terms = plan(cfg, 1, None).terms_gib
     assert "fp32 gradient accumulation" in terms
+
+
+FP16_SCRIPT = r"""
+import os, sys, types
+sys.path.insert(0, {root!r})
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import torch
+from grpo.engine import init_distributed
+from grpo.train import stage0_grad_norm
+init_distributed("cpu")
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+lin = torch.nn.Linear(3, 2).half()
+opt = FP16_UnfusedOptimizer(torch.optim.AdamW(lin.parameters()), static_loss_scale=1024.0, clip_grad=1e9)
+for p in lin.parameters():
+    p.grad = torch.full_like(p, 0.5 * 1024)  # what backward leaves under a loss scale of 1024
+engine = types.SimpleNamespace(optimizer=opt, fp16_enabled=lambda: True)
+ours = stage0_grad_norm(engine, lin)
+opt.step()
+print("NORMS", ours, opt._global_grad_norm)
+"""
+
+
+def test_fp16_stage0_grad_norm_is_unscaled(tmp_path):
+    """At ZeRO stage 0, fp16 runs DeepSpeed's FP16_UnfusedOptimizer (torch's AdamW is not its fused Adam), which
+    records the norm of the loss-scaled gradients; the logged norm divides the scale out. DeepSpeed refuses fp16 on
+    this CPU, so its optimizer is built directly (a real one) around fp16 gradients as backward leaves them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "fp16.py"
+    script.write_text(FP16_SCRIPT.format(root=str(ROOT)))
+    p = subprocess.run([sys.executable, str(script), port], capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("NORMS")), None)
+    assert line, p.stdout[-2000:] + p.stderr[-2000:]
+    ours, deepspeeds = map(float, line.split()[1:])
+    true = 0.5 * (2 * 3 + 2) ** 0.5  # 8 gradient entries of 0.5
+    assert abs(ours - true) < 1e-6
+    assert abs(deepspeeds - 1024 * true) < 1e-3  # why DeepSpeed's own figure is not used at stage 0

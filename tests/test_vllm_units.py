@@ -79,3 +79,41 @@ def test_colocated_engine_empties_the_cuda_cache_before_waking(monkeypatch):
     eng.llm = type("LLM", (), {"wake_up": lambda self, tags=None: calls.append(("wake_up", tags))})()
     eng._wake(["weights"])
     assert calls == ["empty_cache", ("wake_up", ["weights"])]
+
+
+def test_colocated_engine_discards_weights_in_release_and_refuses_to_generate_before_sync(monkeypatch):
+    """release() sleeps at level 2 (the sync rewrites every weight, so level 1's host copy is waste); the sync wakes
+    the weights before loading, the KV cache after; generating between release and sync is an error, since the
+    engine's weights are garbage then (vLLM's own sleep is a no-op on CPU, so the calls are recorded here)."""
+    import torch
+
+    from grpo import vllm_engine
+    from grpo.vllm_engine import VLLMEngine
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    class LLM:
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            calls.append(("wake_up", tags))
+
+    eng = VLLMEngine.__new__(VLLMEngine)
+    eng.llm, eng.can_sleep, eng.asleep, eng.discarded = LLM(), True, False, False
+    eng.release()
+    assert calls == [("sleep", 2)]
+    with pytest.raises(RuntimeError, match="sync before generate"):
+        eng.generate([[1, 2]], 1, None)
+    monkeypatch.setattr(vllm_engine, "weight_buckets", lambda *a: iter([[("w", torch.ones(2))]]))
+    monkeypatch.setattr(vllm_engine, "load_weights", lambda llm, b: calls.append(("load", len(b))))
+    monkeypatch.setattr(vllm_engine, "finish_sync", lambda llm, probe: ((2.0, 2.0), [-1.0]))
+    monkeypatch.setattr(vllm_engine, "trainer_probe_logprobs", lambda model, probe: [-1.0])
+    from grpo.config import load_config
+
+    eng.cfg = load_config(None, ["rewards=[{name: accuracy}]"])
+    eng.zero3, eng.probe, eng.corrupt_hook = False, [1, 2], None
+    eng.sync(None)
+    assert calls == [("sleep", 2), ("wake_up", ["weights"]), ("load", 1), ("wake_up", ["kv_cache"])]
+    assert not eng.asleep and not eng.discarded
