@@ -48,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (e.g. 24, 80)")
     pl.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     pl.add_argument("--json", action="store_true")
+    d = sub.add_parser("doctor", help="exercise every path a recipe uses (devices, collectives, rollout engine "
+                       "and sync, two training steps, memory, checkpoint) in minutes; a table and a verdict")
+    d.add_argument("recipe")
+    d.add_argument("overrides", nargs="*")
+    d.add_argument("--memory", type=float, default=None, help="GiB per device to plan against (default: the "
+                   "device's total on GPU, available RAM per process on CPU)")
+    d.add_argument("--keep", action="store_true", help="keep OUTPUT_DIR/doctor (checkpoint, rollouts)")
+    d.add_argument("--json", action="store_true", help="print the checks as JSON instead of the table")
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into a cached HF folder")
     p.add_argument("--print-path", action="store_true")
     args = parser.parse_args(argv)
@@ -84,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             return plan_main(args.recipe, args.overrides, args.gpus, args.gpu_memory, args.device, args.json)
         except ConfigError as e:
             print(f"grpo plan: error: {e}", file=sys.stderr)
+            return 2
+    if args.command == "doctor":
+        from grpo.doctor import doctor
+
+        try:
+            return doctor(args.recipe, args.overrides, args.memory, args.keep, args.json)
+        except ConfigError as e:
+            print(f"grpo doctor: error: {e}", file=sys.stderr)
             return 2
     if args.command == "prepare-model":
         from grpo.model import embedded_model_dir

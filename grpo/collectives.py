@@ -64,3 +64,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def timed_all_reduce(nbytes: int, repeats: int = 5) -> tuple[float, bool]:
+    """Seconds per all-reduce of an fp32 tensor of `nbytes` on the backend's device (the best of `repeats`, after
+    one warm-up), and whether the sums were right (rank r contributes r + 1). For `grpo doctor`."""
+    import time
+
+    world = dist.get_world_size()
+    t = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=backend_device())
+    best, ok = float("inf"), True
+    for i in range(repeats + 1):
+        t.fill_(dist.get_rank() + 1)
+        if t.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        if t.is_cuda:
+            torch.cuda.synchronize()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+        ok = ok and bool((t == world * (world + 1) / 2).all())
+    return best, ok

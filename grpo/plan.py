@@ -10,7 +10,8 @@ see which knob moves which term:
   SDPA attention; with gradient checkpointing only each layer's input plus one layer recomputed; the prefix layout
   runs each distinct prompt of a micro-batch once and adds its attention's gathered keys/values and mask), the chunked
   vocabulary projection (`optim.logprob_chunk_size` x vocab x fp32, three live copies), and under ZeRO-3 two
-  layers' gathered parameters (or the gathered head and its full gradient, when larger);
+  layers' gathered parameters (or the gathered head and its full gradient, when larger) and DeepSpeed's gradient
+  reduce bucket (the HF engine gathers the whole model to generate);
 - generation: colocated vLLM holds `rollout.vllm.gpu_memory_utilization` of the device while it samples and
   sleeps (releases it) during the update; the HF engine needs the KV cache of `rollout.generation_batch_size`
   sequences and a few fp32 [batch, vocab] score tensors;
@@ -48,6 +49,9 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
 }
 CPU_RESERVE_GIB = 0.45  # RSS of python with torch, transformers, deepspeed and grpo.train imported (0.44 measured)
 GPU_RESERVE_GIB = 1.0  # CUDA context, NCCL buffers, allocator fragmentation
+# vLLM's CPU build in the trainer process: its import and its worker's buffers beyond weights and KV cache (RSS of
+# `import vllm` plus an LLM of the embedded model, less its weights, packed copy and KV cache: 0.6 GiB measured)
+VLLM_CPU_RUNTIME_GIB = 0.6
 
 
 @dataclass
@@ -140,6 +144,12 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
     t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if z >= 1 else 1)
     if cfg.algo.beta > 0:
         t["reference model"] = P * b / (n if z == 3 else 1)
+    if z == 3:
+        # DeepSpeed's stage-3 optimizer allocates its gradient reduce bucket (reduce_bucket_size = 5e8 elements, in
+        # the model's dtype) at start-up; on CPU only the pages the gradients reach count
+        t["zero-3 reduce bucket"] = min(5e8, P) * b
+        if device == "cpu":  # the model is loaded whole, then partitioned: RSS keeps the high-water mark
+            t["model load before partitioning"] = P * b
     prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
     new = cfg.rollout.max_new_tokens
     seq = prompt + new
@@ -168,13 +178,19 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
         batch = cfg.rollout.generation_batch_size
         t["HF generation (KV cache + scores)"] = batch * seq * kv_token + 4 * batch * s.vocab * 4
         gen_extra = t["HF generation (KV cache + scores)"]
+        if z == 3:  # grpo.rollout gathers the whole model once per generate call, into new full-size tensors
+            t["gathered weights to generate"] = P * b
+            gen_extra += t["gathered weights to generate"]
     else:  # server mode, or vLLM on CPU (its own KV cache size)
-        gen_extra = (cfg.rollout.vllm.kv_cache_gib * GIB + P * b) if cfg.rollout.engine == "vllm" else 0.0
+        # on CPU the engine keeps plain weights beside the oneDNN-packed copies (grpo/vllm_engine.py repacks them)
+        gen_extra = ((cfg.rollout.vllm.kv_cache_gib + VLLM_CPU_RUNTIME_GIB) * GIB + 2 * P * b
+                     if cfg.rollout.engine == "vllm" else 0.0)
         if gen_extra:
-            t["colocated vLLM (weights + KV cache)"] = gen_extra
+            t["colocated vLLM (weights x2 + KV cache + runtime)"] = gen_extra
     reserve = (GPU_RESERVE_GIB if device == "cuda" else CPU_RESERVE_GIB) * GIB
     t["reserve"] = reserve
-    static = t["weights"] + t["gradients"] + t["optimizer states"] + t.get("reference model", 0.0) + reserve
+    static = (t["weights"] + t["gradients"] + t["optimizer states"] + t.get("reference model", 0.0) + reserve
+              + t.get("zero-3 reduce bucket", 0.0) + t.get("model load before partitioning", 0.0))
     # CPU: colocated vLLM never sleeps, and glibc keeps the HF engine's freed KV cache in the process (RSS is a
     # high-water mark), so the generation phase's memory is still counted during the update
     held_in_update = gen_extra if device == "cpu" else 0.0

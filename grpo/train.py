@@ -497,6 +497,26 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def run_step(cfg: Config, st: dict[str, Any], sampler: PromptSampler, step: int, run_dir: Path) -> dict[str, Any]:
+    """One GRPO step, from sampling to the checked weight sync; returns its metrics record."""
+    timer, t0 = Timer(), time.perf_counter()
+    st["reward_errors"], st["reward_timeouts"] = {}, {}
+    st["step"] = step
+    groups, rounds = collect(cfg, st, sampler, timer)  # generate + score + advantages
+    release(st["rollout"])  # a colocated vLLM engine frees its GPU memory for the update
+    upd = update(cfg, st, groups, timer)  # logprobs + loss + backward + step
+    with timer("sync"):
+        upd.update(st["rollout"].sync(st["engine"].module))  # new weights to the engine, checked
+    return log_step(cfg, st, step, groups, rounds, upd, timer, t0, run_dir)
+
+
+def checkpoint_meta(cfg: Config, st: dict[str, Any], sampler: PromptSampler, step: int,
+                    wandb_id: str | None) -> dict[str, Any]:
+    """What a resume needs besides DeepSpeed's own state: the step, the data order, and the config to match."""
+    return {"step": step, "sampler": sampler.state(), "world_size": st["world"], "wandb_id": wandb_id,
+            "config": to_dict(cfg)}
+
+
 def train(cfg: Config) -> Path:
     st = setup(cfg)
     rank, engine = st["rank"], st["engine"]
@@ -535,15 +555,7 @@ def train(cfg: Config) -> Path:
         bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True)
     try:
         for step in range(start + 1, cfg.steps + 1):
-            timer, t0 = Timer(), time.perf_counter()
-            st["reward_errors"], st["reward_timeouts"] = {}, {}
-            st["step"] = step
-            groups, rounds = collect(cfg, st, sampler, timer)  # generate + score + advantages
-            release(st["rollout"])  # a colocated vLLM engine frees its GPU memory for the update
-            upd = update(cfg, st, groups, timer)  # logprobs + loss + backward + step
-            with timer("sync"):
-                upd.update(st["rollout"].sync(engine.module))  # new weights to the engine, checked
-            rec = log_step(cfg, st, step, groups, rounds, upd, timer, t0, run_dir)
+            rec = run_step(cfg, st, sampler, step, run_dir)
             if (cfg.eval.every and step % cfg.eval.every == 0) or (step == cfg.steps and cfg.eval.at_end):
                 rec.update(evaluate(cfg, st, step, run_dir))
             if metrics is not None:
@@ -553,8 +565,7 @@ def train(cfg: Config) -> Path:
                 bar.update(1)
             stopping = stop.agreed()
             if stopping or step == cfg.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                meta = {"step": step, "sampler": sampler.state(), "world_size": st["world"],
-                        "wandb_id": metrics.wandb_id if metrics else None, "config": to_dict(cfg)}
+                meta = checkpoint_meta(cfg, st, sampler, step, metrics.wandb_id if metrics else None)
                 ckpt.save(engine, ckpt_root, step, meta, rank, cfg.checkpoint.keep)
             if stopping and step < cfg.steps:
                 marker = os.environ.get("GRPO_PREEMPT_MARKER")  # launchers (torchrun) hide our exit code

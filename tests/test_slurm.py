@@ -150,3 +150,20 @@ def test_eval_job(slurm, tmp_path, tiny_model_dir):
     assert j["JobState"] == "COMPLETED", log.read_text()[-3000:]
     rec = json.loads((tmp_path / "m" / f"eval-{jid}" / "metrics.jsonl").read_text())
     assert rec["eval/num_problems"] == 6 and "eval/pass@2" in rec
+
+
+def test_doctor_job_two_ranks_zero3(slurm, tmp_path):
+    """slurm/doctor.slurm on two CPU processes under ZeRO-3 with the embedded model: every check passes, and the
+    collectives row measured a real all-reduce between the two ranks."""
+    log = tmp_path / "job.out"
+    jid = _sbatch("doctor.slurm", ["recipes/smollm2-135m-arith.yaml", f"output_dir={tmp_path / 'run'}",
+                                   "deepspeed.zero_stage=3", "rollout.max_new_tokens=8"], log,
+                  {"GRPO_NPROC": "2", "GRPO_DOCTOR_ARGS": "--keep"})
+    j = _wait(jid, ("COMPLETED", "FAILED"), timeout=400)
+    text = log.read_text()
+    assert j["JobState"] == "COMPLETED", text[-4000:]
+    assert "(2 rank(s) on cpu, rollout hf, ZeRO-3)" in text and "verdict: PASS" in text
+    assert "over 2 rank(s) on cpu" in text and "bus bandwidth" in text
+    assert "weights restored exactly" in text
+    shards = list((tmp_path / "run" / "doctor" / "checkpoints" / "step-000001").rglob("*optim_states.pt"))
+    assert len(shards) == 2  # one ZeRO-3 shard per rank
