@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,6 +107,28 @@ def ds_config(cfg: Config, micro_batch: int, grad_accum: int, train: bool = True
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
             "eps": 1e-8, "torch_adam": True}}
     return out
+
+
+def forward_in_engine(engine, fn: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
+    """`fn(engine.module)` run as the module's forward, through `DeepSpeedEngine.forward`.
+
+    Why: the trainer computes logprobs with the model's body and head itself (no full-vocabulary logits), but the
+    engine's forward is where DeepSpeed opens a micro-step, and skipping it broke ZeRO-3 silently: its
+    gradient-accumulation counter only advances there, so every micro-batch's gradient overwrote the previous
+    one's and only the last micro-batch of a step trained (tests/test_update_reference.py). The engine's forward
+    also resets ZeRO-3's parameter-fetch trace and hooks the output for the backward's prologue. The module's
+    forward is swapped for the call only, so all of the engine's and the module's hooks run as DeepSpeed expects.
+    `fn` returns one tensor: every output DeepSpeed wraps should take part in the backward."""
+    module = engine.module
+    own = module.__dict__.get("forward")
+    module.forward = lambda: fn(module)
+    try:
+        return engine()
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def build_policy_engine(model: torch.nn.Module, cfg: Config, micro_batch: int, grad_accum: int):

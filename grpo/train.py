@@ -32,7 +32,14 @@ from grpo import collectives as coll
 from grpo.advantages import ADVANTAGES, zero_variance_groups
 from grpo.config import Config, ConfigError, to_dict
 from grpo.data import PromptSampler, PromptSet, load_rows, render
-from grpo.engine import build_policy_engine, build_reference, check_device_options, init_distributed, pick_device
+from grpo.engine import (
+    build_policy_engine,
+    build_reference,
+    check_device_options,
+    forward_in_engine,
+    init_distributed,
+    pick_device,
+)
 from grpo.export import check_hub_token_on_rank0, push_to_hub, save_final
 from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
 from grpo.loss import policy_loss, token_weights, truncated_is_weights
@@ -265,7 +272,8 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                 if mb is None:
                     continue
                 if need_old:
-                    old_lp[k] = completion_logprobs(model, mb, temp, cfg.optim.logprob_chunk_size)[0]
+                    old_lp[k] = forward_in_engine(
+                        engine, lambda m, mb=mb: completion_logprobs(m, mb, temp, cfg.optim.logprob_chunk_size)[0])
                 if st["ref"] is not None:
                     ref_lp[k] = completion_logprobs(st["ref"], mb, temp, cfg.optim.logprob_chunk_size)[0]
 
@@ -282,7 +290,15 @@ def update(cfg: Config, st: dict[str, Any], groups: list[Group], timer: Timer) -
                     engine.backward(loss, scale_wrt_gas=False)
                     engine.step()
                     continue
-                logp, ent = completion_logprobs(model, mb, temp, cfg.optim.logprob_chunk_size)
+                ents: list[torch.Tensor] = []
+
+                def logprobs(m, mb=mb, ents=ents):
+                    lp, ent = completion_logprobs(m, mb, temp, cfg.optim.logprob_chunk_size)
+                    ents.append(ent)
+                    return lp
+
+                logp = forward_in_engine(engine, logprobs)
+                ent = ents[0]
                 seq_adv = torch.tensor([adv[i] for i in ch], dtype=torch.float32, device=device)
                 seq_ok = torch.tensor([valid[i] for i in ch], dtype=torch.float32, device=device)
                 w = token_weights(cfg.algo.loss_agg, mb.seq_len, global_tokens, global_seqs,
