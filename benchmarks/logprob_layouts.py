@@ -1,7 +1,7 @@
 """Training forward+backward time of the three logprob layouts on the embedded model, same batch:
 8 prompts x 8 completions (32 prompt tokens, 22 completion tokens), micro-batches of 16 sequences.
 
-    .venv/bin/python benchmarks/logprob_layouts.py [--reps 2]
+    .venv/bin/python benchmarks/logprob_layouts.py [--reps 2] [--lengths varied]
 
 `prefix` runs each prompt once per micro-batch, in one flat stream with its group's completions; `padded` and
 `packed` run every sequence whole. All three give the same logprobs and gradients (tests/test_logprobs.py).
@@ -21,14 +21,19 @@ from grpo.model import embedded_model_dir, load_model
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--lengths", choices=["fixed", "varied"], default="fixed",
+                    help="completions of 22 tokens, or of 1 to 43 (mean 22): where padding costs and a wrong mask "
+                         "would show")
     args = ap.parse_args()
     model = load_model(str(embedded_model_dir()), "float32")
     g = torch.Generator().manual_seed(0)
     seqs = []
     for _ in range(8):
         prompt = torch.randint(10, 40000, (32,), generator=g).tolist()
-        seqs += [Sequence(prompt, torch.randint(10, 40000, (22,), generator=g).tolist()) for _ in range(8)]
-    times = {}
+        for _ in range(8):
+            n = 22 if args.lengths == "fixed" else int(torch.randint(1, 44, (1,), generator=g))
+            seqs.append(Sequence(prompt, torch.randint(10, 40000, (n,), generator=g).tolist()))
+    times, grads = {}, {}
     for layout in ("prefix", "padded", "packed"):
         best = float("inf")
         for _ in range(args.reps):
@@ -39,8 +44,9 @@ def main() -> None:
                 lp.sum().backward()
             best = min(best, time.perf_counter() - t0)
         times[layout] = best
+        grads[layout] = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     for layout, t in times.items():
-        print(f"{layout:8s} {t:7.2f} s   ({times['padded'] / t:.2f}x padded)")
+        print(f"{layout:8s} {t:7.2f} s   ({times['padded'] / t:.2f}x padded)   grad norm {float(grads[layout]):.6g}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,13 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
+# The learning rate a resumed run follows comes from the checkpoint: the scheduler's state holds the base LR and the
+# step count, the schedule's shape comes from these keys. A changed optim.lr would be silently ignored; with a
+# decaying schedule, a changed horizon (steps, warm-up, passes) would make the LR jump.
+SCHEDULE_KEYS = ("optim.lr", "optim.schedule", "optim.warmup_steps")
+HORIZON_KEYS = ("steps", "algo.num_iterations")
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     changed = [k for k in MUST_MATCH if _get(saved, k) != _get(current, k)]
     if changed:
@@ -128,6 +135,14 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
                            f"({[_get(saved, k) for k in changed]} -> {[_get(current, k) for k in changed]}); "
                            "resuming would misalign the data or the batches: use a new output_dir, or "
                            "checkpoint.resume=never to start over")
+    decaying = "constant" not in (_get(saved, "optim.schedule"), _get(current, "optim.schedule"))
+    changed = [k for k in SCHEDULE_KEYS + (HORIZON_KEYS if decaying else ()) if _get(saved, k) != _get(current, k)]
+    if changed:
+        raise ConfigError(f"checkpoint {path} was written with a different {', '.join(changed)} "
+                          f"({[_get(saved, k) for k in changed]} -> {[_get(current, k) for k in changed]}): the "
+                          "learning-rate schedule is restored from the checkpoint, so the change would be ignored or "
+                          "make the LR jump; use a new output_dir (with model.path set to a final/ model), or "
+                          "checkpoint.resume=never. With optim.schedule=constant, steps may grow.")
 
 
 def load_latest(engine, root: Path, resume: str, rank: int, world_size: int,

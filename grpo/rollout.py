@@ -152,8 +152,10 @@ class HFEngine:
             if params.top_p < 1.0:
                 procs.append(TopPLogitsWarper(params.top_p))
         procs.append(recorder)
+        # top_k=0, not None: transformers 5 reads None as "unset" and falls back to its default of 50, which sampled
+        # from the 50 likeliest tokens while the recorded logprobs (and the trainer's) were the full softmax's
         gen_cfg = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
-                                   temperature=1.0, top_p=1.0, top_k=None, eos_token_id=self.eos_ids,
+                                   temperature=1.0, top_p=1.0, top_k=0, eos_token_id=self.eos_ids,
                                    pad_token_id=pad, use_cache=True)
         ids, mask = ids.to(device), mask.to(device)
         out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,

@@ -48,6 +48,7 @@ class Limits:
     memory_mb: int = 512
     max_processes: int = 32
     file_size_mb: int = 16
+    tmp_mb: int = 64  # size of the sandbox's /tmp (a RAM tmpfs: unbounded, it could fill the host's memory)
     open_files: int = 64
     output_bytes: int = 1 << 20  # per stream; the rest is discarded (and flagged)
 
@@ -92,7 +93,8 @@ def _bwrap_argv(harness_dir: Path, limits: Limits, argv: list[str]) -> list[str]
         cmd.append("--unshare-user")
     cmd += ["--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev",
-            "--perms", "1777", "--tmpfs", "/tmp", "--perms", "0777", "--dir", "/tmp/work",
+            "--perms", "1777", "--size", str(limits.tmp_mb * 2**20), "--tmpfs", "/tmp",
+            "--perms", "0777", "--dir", "/tmp/work",
             "--ro-bind", str(harness_dir), "/harness", "--chdir", "/tmp/work", "--clearenv",
             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp/work", "--setenv", "PYTHONNOUSERSITE", "1",
             "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--setenv", "LANG", "C.UTF-8"]

@@ -30,9 +30,23 @@ def tokenizer(embedded_dir):
     return load_tokenizer(str(embedded_dir))
 
 
-def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4) -> Path:
+# Boost of EOS's row of the output head that makes sampled completions of 6 tokens end anywhere from 1 to 6 at
+# temperature 1 on chat prompts (measured, 64 samples: lengths 1..5 drew 39 and 43, length 6 drew 25 and 21, at
+# hidden 32 and 128).
+EOS_BOOST = {32: 1.8, 128: 2.0}
+
+
+def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
+                    eos_likely: bool = True) -> Path:
     """A Llama of a few thousand hidden units with the real vocabulary, saved as an HF folder. (vLLM's CPU
-    attention needs a head size it has kernels for: hidden=128, heads=2 gives 64.)"""
+    attention needs a head size it has kernels for: hidden=128, heads=2 gives 64.)
+
+    A random model almost never samples EOS, so every completion would end on the length limit: token, sequence and
+    constant aggregation would weigh alike and no "stop" branch would run. With `eos_likely` (the head untied from
+    the embeddings), every input embedding gets a shared component on dimension 0, so the final hidden state points
+    along it, and EOS's row of the head a large one: EOS's logit stands above the rest (greedy decoding stops at
+    once) and sampled lengths vary. (Tied, the boost reached the input side too: a prompt holding an EOS token, as
+    chat templates do, then made EOS certain.)"""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,9 +54,13 @@ def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2, hidde
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
                       max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      tie_word_embeddings=not eos_likely, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(cfg)
+    if eos_likely:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[:, 0] += 0.3
+            model.get_output_embeddings().weight[tokenizer.eos_token_id, 0] += EOS_BOOST[hidden]
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -80,6 +98,31 @@ def length_reward(completions, **_):
     return [len(c) / 100 for c in completions]
 
 
+def flaky_reward(completions, completion_ids, **_):
+    """A reward that fails by completion length (tokens): raises on 1 mod 3, sleeps past any test timeout on
+    2 mod 3, scores length / 10 otherwise. For the end-to-end test of failing rewards."""
+    import time
+
+    out = []
+    for ids in completion_ids:
+        if len(ids) % 3 == 1:
+            raise ValueError(f"flaky_reward: refuses {len(ids)} tokens")
+        if len(ids) % 3 == 2:
+            time.sleep(60)
+        out.append(len(ids) / 10)
+    return out
+
+
+def constant_on_even(completions, answer, **_):
+    """Constant (no signal) on prompts whose answer is even, the completion's length otherwise: dynamic sampling
+    has groups to drop and refill."""
+    return [0.5 if int(a) % 2 == 0 else len(c) / 100 for c, a in zip(completions, answer, strict=True)]
+
+
+def constant_reward(completions, **_):
+    return [0.5 for _ in completions]
+
+
 def execute_notebook(run_dir: Path) -> list:
     """Execute notebooks/inspect_rollouts.ipynb with a real kernel on `run_dir`; returns the executed code cells."""
     import nbformat
@@ -93,3 +136,17 @@ def execute_notebook(run_dir: Path) -> list:
     finally:
         del os.environ["GRPO_RUN_DIR"]
     return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under scripts/test.sh a skipped test fails the run (GRPO_FAIL_ON_SKIP=1), unless GRPO_ALLOW_SKIPS=1: a skip
+    there means a missing part (slurm, bubblewrap, vLLM, a tmpfs) that set-up should have provided, and a suite that
+    passes with a third of it skipped checks less than it says."""
+    if os.environ.get("GRPO_FAIL_ON_SKIP") != "1" or os.environ.get("GRPO_ALLOW_SKIPS") == "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped and exitstatus == 0:
+        reporter.write_line(f"{len(skipped)} test(s) skipped: scripts/test.sh counts that as a failure (see the "
+                            "skip reasons above; GRPO_ALLOW_SKIPS=1 accepts them)", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -150,3 +150,16 @@ def test_full_disk_during_save_loses_nothing(small_disk, tiny_model_dir, referen
     assert p.returncode == 0, p.stderr[-2000:]
     assert "step-000001 at step 1" in p.stderr
     _same_as_reference(run, reference)
+
+
+def test_schedule_changes_on_resume_are_refused(tmp_path, tiny_model_dir):
+    """The LR schedule resumes from the checkpoint's state: under a cosine schedule a longer `steps` moves the
+    horizon (the LR would jump), and a changed optim.lr would be silently ignored; both are refused by name. With
+    a constant schedule, extending `steps` resumes (tested above)."""
+    run = tmp_path / "run"
+    cosine = {"optim.schedule": "cosine", "optim.warmup_steps": 1}
+    assert run_cli(_args(tiny_model_dir, run, steps=2, **cosine)).returncode == 0
+    p = run_cli(_args(tiny_model_dir, run, steps=4, **cosine))
+    assert p.returncode == 2 and "different steps" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli(_args(tiny_model_dir, run, steps=2, **{**cosine, "optim.lr": 5e-4}))
+    assert p.returncode == 2 and "different optim.lr" in p.stderr

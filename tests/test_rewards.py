@@ -1,3 +1,4 @@
+import json
 import math
 import sys
 import time
@@ -120,3 +121,56 @@ def test_runner_keeps_errors_apart_from_zeros(monkeypatch):
     assert s.errors["boom"] == 2
     assert all(math.isnan(t) for t in s.total)
     assert "checker bug" in s.error_messages[0]
+
+
+HOSTILE = ["<answer>" * 8000, "<think>" * 9000 + "</think>", "```\n" * 16000, "```python\n" * 6000,
+           "\\boxed{" * 9000, "1" * 64_000, "Step 1:" * 9000, "a b " * 16000, "<answer>1" * 7000 + "</answer>",
+           "{" * 32_000 + "}" * 32_000, "= " * 32_000, "\n-" * 32_000]
+
+
+def test_every_reward_is_bounded_on_hostile_input():
+    """Each shipped reward (but the sandboxed code run, whose extraction is timed directly) on 64k-character inputs
+    built to make backtracking regexes quadratic: under 2 s each, finite scores or None. countdown and reasoning_gym
+    took 2 s on one unclosed-tag input alone before their extraction was made linear."""
+    import types
+
+    from rewards import REGISTRY
+    from rewards.code import extract_code
+    from rewards.runner import build_rewards, score
+
+    args = {"soft_overlong": {"max_tokens": 100, "buffer": 20}, "cosine_length": {"max_tokens": 100}}
+    meta = json.dumps({"numbers": [1, 2], "target": 3, "source_dataset": "basic_arithmetic",
+                       "source_index": 0})
+    n = len(HOSTILE)
+    cols = {"answer": ["3"] * n, "metadata": [meta] * n, "question": ["1 + 2 ="] * n, "num_tokens": [50] * n,
+            "finish_reason": ["length"] * n, "completion_ids": [[1, 2]] * n, "prompts": ["q"] * n}
+    for name in REGISTRY:
+        if name == "code_tests":
+            continue
+        spec = types.SimpleNamespace(name=name, weight=1.0, args=args.get(name, {}))
+        t0 = time.perf_counter()
+        s = score(build_rewards([spec]), HOSTILE, cols)
+        took = time.perf_counter() - t0
+        assert took < 2.0, f"{name}: {took:.2f} s on hostile input"
+        assert all(v is None or math.isnan(v) or math.isfinite(v) for v in s.per_reward[name]), name
+    t0 = time.perf_counter()
+    for text in HOSTILE:
+        extract_code(text)
+        extract_code(text, unfenced=True)
+    assert time.perf_counter() - t0 < 2.0, "code extraction"
+
+
+def test_last_answer_tag_agrees_with_the_regex():
+    """The linear scan against the regex it replaces, on random strings over the tag alphabet."""
+    import random
+    import re
+
+    from rewards.shaping import last_answer_tag
+
+    rx = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+    rng = random.Random(0)
+    pieces = ["<answer>", "</answer>", "x", "<", "answer>", "</", "\n", "<answer></answer>"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        found = rx.findall(text)
+        assert last_answer_tag(text) == (found[-1] if found else None), text

@@ -83,3 +83,25 @@ def test_shared_prompt_prefill_matches_separate_generation(tiny_model_dir, token
     cache = shared._shared_prefill(ids, (ids != tokenizer.pad_token_id).long())
     assert cache.get_seq_length() == width - 1 and cache.layers[0].keys.shape[0] == 3
     assert torch.equal(cache.layers[0].keys[0], cache.layers[0].keys[1])
+
+
+def test_samples_come_from_the_full_distribution(tiny_model_dir, tokenizer):
+    """The HF engine samples from the whole softmax, the distribution whose logprobs it records and the trainer
+    computes: one token from 600 samples of a prompt, against the model's own next-token probabilities. Passing
+    top_k=None to transformers 5 meant its default top-k of 50: EOS (the likeliest token of the tiny model, p about
+    0.3) was sampled every time and no token outside the top 50 ever was."""
+    model = load_model(str(tiny_model_dir), "float32")
+    eng = HFEngine(model, tokenizer, batch_size=600)
+    prompt = _prompts(tokenizer)[0]
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)
+    top50 = set(torch.topk(probs, 50).indices.tolist())
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    firsts = [c.ids[0] for c in eng.generate([prompt], 600, SamplingParams(max_new_tokens=1, temperature=1.0))[0]]
+    n = len(firsts)
+    for name, p, got in (("EOS", float(probs[eos]), sum(t == eos for t in firsts) / n),
+                         ("outside the top 50", 1.0 - float(probs[list(top50)].sum()),
+                          sum(t not in top50 for t in firsts) / n)):
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(got - p) < 5 * sigma + 1e-3, f"{name}: sampled {got:.3f}, model's probability {p:.3f}"

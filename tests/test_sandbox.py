@@ -200,3 +200,48 @@ def test_all_or_nothing_and_not_applicable():
     assert code_tests([block("x = 1")], ["[]"]) == [None]
     assert code_tests([block("x = 1")], [None]) == [None]
     assert code_tests(["no code block at all"], [ASSERTS]) == [0.0]
+
+
+INSIDE = """
+import os, resource
+print("uid", os.getuid())
+print("pids", sum(p.isdigit() for p in os.listdir("/proc")))
+print("nofile", resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+total, i = 0, 0
+try:
+    while True:
+        with open(f"/tmp/work/f{i}", "wb") as f:
+            for _ in range(4):
+                f.write(b"x" * (1 << 20))
+                f.flush()
+                total += 1 << 20
+        i += 1
+except OSError as e:
+    print("stopped", type(e).__name__, e.errno)
+print("written", total)
+"""
+
+
+@pytest.mark.parametrize("cgroup", ["on", "off"])
+def test_limits_seen_from_inside(cgroup, monkeypatch, tmp_path):
+    """What the sandboxed program itself sees, with the per-run cgroup and without it (a host where cgroups are not
+    writable): uid nobody, its own pid namespace (itself, bwrap's init and prlimit's exec at most), the open-file
+    limit, and a /tmp that stops writes at its size cap (it is RAM: unbounded, 4 MB files up to the memory limit)."""
+    from rewards import sandbox
+
+    if cgroup == "off":
+        monkeypatch.setattr(sandbox, "CGROUP_ROOT", tmp_path / "no-cgroups")
+    else:
+        probe = sandbox._Cgroup(FAST)
+        made = bool(probe.dirs)
+        probe.cleanup()
+        assert made or not os.environ.get("CI"), "CI runs as root with writable cgroups"
+    limits = Limits(wall_seconds=20, cpu_seconds=10, tmp_mb=24, open_files=40)
+    r = run_python(INSIDE, limits=limits)
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert r.status == "ok", (r.status, r.stdout, r.stderr)
+    assert out["uid"] == "65534"
+    assert int(out["pids"]) <= 3, out
+    assert out["nofile"] == "40"
+    assert out["stopped"].split()[0] == "OSError" and out["stopped"].split()[1] == "28"  # ENOSPC
+    assert 16 << 20 <= int(out["written"]) <= 24 << 20

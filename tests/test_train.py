@@ -159,3 +159,39 @@ def test_algorithm_options_run_end_to_end(tmp_path, tiny_model_dir, options):
     if options.get("optim.schedule") == "cosine":
         lrs = [r["lr"] for r in m]  # warm-up of 1 step, then cosine decay over 3 steps
         assert lrs[0] == pytest.approx(1e-3) and lrs[2] < lrs[1] < lrs[0]
+
+
+def test_failing_reward_through_a_real_run(tmp_path, tiny_model_dir):
+    """A reward that raises on some completions and sleeps past its timeout on others (by token count), in worker
+    processes, through two real steps: the counts in the metrics, NaN totals and zero advantages in the records,
+    the advantages of the rest computed from the valid samples only, the loud log line, and the run goes on."""
+    run = tmp_path / "run"
+    rewards = "[{name: 'tests.conftest:flaky_reward', timeout: 1.0}]"
+    p = run_cli(tiny_overrides(tiny_model_dir, run, **{"rewards": rewards, "scoring.max_error_frac": 0.05,
+                                                       "rollout.num_generations": 6, "optim.micro_batch_size": 6}))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = metrics(run)
+    assert [r["step"] for r in m] == [1, 2]
+    seen = {"raise": 0, "sleep": 0, "ok": 0}
+    for rec in m:
+        roll = pd.read_parquet(run / "rollouts" / f"step-{rec['step']:06d}.parquet")
+        kind = roll["num_tokens"].map(lambda n: {0: "ok", 1: "raise", 2: "sleep"}[n % 3])
+        for k in seen:
+            seen[k] += int((kind == k).sum())
+        failed = kind != "ok"
+        assert (roll["reward_error"] == failed).all()
+        assert roll.loc[failed, "reward_total"].isna().all() and (roll.loc[failed, "advantage"] == 0).all()
+        name = "reward/tests.conftest:flaky_reward"
+        assert rec[f"{name}/errors"] == int(failed.sum()) and rec[f"{name}/timeouts"] == int((kind == "sleep").sum())
+        assert rec["reward/errors"] == int(failed.sum())
+        for _, g in roll.groupby("prompt_id"):  # GRPO over the valid samples only
+            ok = g[g["num_tokens"] % 3 == 0]
+            r = torch.tensor(ok["reward_total"].values, dtype=torch.float64)
+            assert torch.allclose(torch.tensor(ok["reward_total"].values), torch.tensor(ok["num_tokens"].values / 10))
+            if len(r) > 1 and r.std() > 0:
+                expect = (r - r.mean()) / (r.std() + 1e-6)
+                assert torch.allclose(torch.tensor(ok["advantage"].values), expect, atol=1e-6)
+            else:
+                assert (ok["advantage"] == 0).all()
+    assert min(seen.values()) > 0, seen  # every branch ran (EOS-likely tiny model: lengths vary)
+    assert "could not be scored" in p.stderr

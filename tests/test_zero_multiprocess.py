@@ -97,3 +97,36 @@ def test_zero3_logprobs_with_uneven_chunks(tiny_model_dir):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "rank 0 done, ranks 2" in p.stdout and "rank 1 done, ranks 2" in p.stdout
     assert "rank 0 grad norm" in p.stdout and "rank 1 grad norm" in p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reward", ["constant_on_even", "constant_reward"])
+def test_dynamic_sampling_refills_on_two_ranks(tmp_path, tiny_model_dir, reward):
+    """A reward constant on even answers (and, second case, everywhere): zero-variance groups are dropped and more
+    prompts sampled, both ranks run the same rounds (or the collectives would hang), the data position advances by
+    every round's prompts on both, and when the rounds run out the step is topped up with no-signal groups."""
+    run = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_port())]
+    p = run_cli(tiny_overrides(tiny_model_dir, run, **{
+        "rewards": f"[{{name: 'tests.conftest:{reward}'}}]", "rollout.dynamic_sampling": True,
+        "rollout.max_sampling_rounds": 3, "rollout.prompts_per_step": 4, "checkpoint.every": 1}),
+        launcher=launcher, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    m = metrics(run)
+    rounds = [r["rollout/rounds"] for r in m]
+    import pandas as pd
+
+    if reward == "constant_reward":  # no group ever has signal: every round runs, the step is all no-signal groups
+        assert rounds == [3, 3] and all(r["groups/zero_variance_frac"] == 1.0 for r in m)
+    else:
+        assert max(rounds) > 1, rounds  # something was dropped and refilled
+        for r in m:
+            roll = pd.read_parquet(run / "rollouts" / f"step-{r['step']:06d}.parquet")
+            assert roll["prompt_id"].nunique() == 4  # the step is full
+            if r["rollout/rounds"] < 3:  # refilled in time: only groups with signal were kept
+                assert r["groups/zero_variance_frac"] == 0.0
+                assert all(int(a) % 2 == 1 for a in roll["answer"])
+    done = sum(rounds) * 4  # every round draws prompts_per_step prompts from the shared permutation
+    meta = json.loads((run / "checkpoints" / "step-000002" / "meta.json").read_text())["sampler"]
+    assert meta["epoch"] * meta["size"] + meta["pos"] == done
