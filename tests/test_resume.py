@@ -163,3 +163,100 @@ def test_schedule_changes_on_resume_are_refused(tmp_path, tiny_model_dir):
     assert p.returncode == 2 and "different steps" in p.stderr and "Traceback" not in p.stderr
     p = run_cli(_args(tiny_model_dir, run, steps=2, **{**cosine, "optim.lr": 5e-4}))
     assert p.returncode == 2 and "different optim.lr" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------ two ranks (ZeRO-2)
+
+STEPS2 = 4
+
+
+def _launcher() -> list[str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+def _args2(model, run, **kw):
+    return tiny_overrides(model, run, **{"steps": STEPS2, "checkpoint.every": 1, "checkpoint.keep": 3,
+                                         "deepspeed.zero_stage": 2, "rollout.prompts_per_step": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference2(tmp_path_factory, tiny_model_dir):
+    run = tmp_path_factory.mktemp("ref2") / "run"
+    p = run_cli(_args2(tiny_model_dir, run), launcher=_launcher(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {r["step"]: r for r in metrics(run)}
+
+
+def _same2(run: Path, reference: dict) -> None:
+    got = metrics(run)
+    assert [r["step"] for r in got] == list(range(1, STEPS2 + 1)), "a step was lost or repeated"
+    for r in got:
+        for k in KEYS:
+            assert r[k] == pytest.approx(reference[r["step"]][k], rel=1e-5, abs=1e-7), (r["step"], k)
+
+
+def _start2(args: list[str], marker: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    if marker is not None:
+        env["GRPO_PREEMPT_MARKER"] = str(marker)
+    return subprocess.Popen([*_launcher(), "-m", "grpo", "train", str(RECIPE), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_ranks_sigkill_then_damage_on_one_rank_then_world_size(tmp_path, tiny_model_dir, reference2):
+    """Two ZeRO-2 ranks: SIGKILL of the whole job mid-run, then the resumed run equals the uninterrupted one; then
+    rank 1's optimizer shard of the newest checkpoint is torn: both ranks agree to fall back to the previous
+    checkpoint; then a resume with one process is refused by name (ZeRO shards do not reshard)."""
+    run = tmp_path / "run"
+    args = _args2(tiny_model_dir, run)
+    proc = _start2(args)
+    _wait_for_step(run, 2, proc, timeout=400)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    p = run_cli(args, launcher=_launcher(), timeout=600)
+    assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
+    _same2(run, reference2)
+
+    shard = run / "checkpoints" / f"step-{STEPS2:06d}" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert shard.is_file(), sorted(x.name for x in shard.parent.iterdir())
+    shard.write_bytes(b"\0" * 64)
+    p = run_cli(args[:] + [f"steps={STEPS2 + 1}"], launcher=_launcher(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"step-{STEPS2:06d} could not be loaded on every rank" in p.stderr
+    assert f"step-{STEPS2 - 1:06d}" in p.stderr.split("resumed from")[1].splitlines()[0]
+
+    p = run_cli(args[:] + [f"steps={STEPS2 + 2}"], timeout=300)
+    assert p.returncode == 2 and "written by 2 ranks, this run has 1" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_only(tmp_path, tiny_model_dir, reference2):
+    """SIGTERM reaches rank 1 alone (a node's share of a job): the ranks agree at the step boundary, checkpoint
+    together and stop for a requeue; the resumed run equals the uninterrupted one."""
+    run = tmp_path / "run"
+    args = _args2(tiny_model_dir, run, **{"checkpoint.every": 100})
+    marker = tmp_path / "preempted"
+    proc = _start2(args, marker)
+    _wait_for_step(run, 1, proc, timeout=400)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in workers:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next((e.split(b"=")[1] for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            ranks[int(rank)] = int(pid)
+    assert set(ranks) == {0, 1}, workers
+    os.kill(ranks[1], signal.SIGTERM)
+    _, err = proc.communicate(timeout=400)
+    assert marker.is_file(), err[-3000:]  # the trainer's preemption exit (torchrun reports 85 as 1)
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and int(ckpts[0].split("-")[1]) < STEPS2, ckpts
+    p = run_cli(args, launcher=_launcher(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _same2(run, reference2)
