@@ -59,18 +59,20 @@ def test_two_process_zero(tmp_path, tiny_model_dir, stage):
 
 
 @pytest.mark.slow
-def test_zero3_generation_with_ranks_stopping_apart(tiny_model_dir):
+def test_zero3_generation_with_ranks_stopping_apart(tmp_path, tokenizer):
     """HF generation under ZeRO-3 on two ranks whose completions end at different steps (and one rank with no prompts
     at all): DeepSpeed's hooks used to gather every layer at every decode step, so the rank still decoding waited
     in a collective the other never joined (a hang, or a crash at its next collective)."""
     import os
     import subprocess
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, make_tiny_model
 
+    # a model that (almost) never samples EOS, so each rank's completions run to its own limit: 2 and 24 tokens
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer, eos_likely=False)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_port()), str(ROOT / "tests" / "zero3_generate_worker.py"), str(tiny_model_dir),
+                        str(_port()), str(ROOT / "tests" / "zero3_generate_worker.py"), str(model_dir),
                         str(ROOT / "recipes" / "smollm2-135m-arith.yaml")],
                        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
