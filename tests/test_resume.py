@@ -123,10 +123,11 @@ def test_explicit_resume_path_must_be_complete(tmp_path, tiny_model_dir):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 30 MB tmpfs: room for one checkpoint of the tiny model (~19 MB), not two."""
+    """A 56 MB tmpfs: room for one checkpoint of the tiny model (37 MB: weights and Adam states of its 3.2M
+    parameters, the head untied), not two."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30M", "tmpfs", str(disk)], capture_output=True, text=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=56M", "tmpfs", str(disk)], capture_output=True, text=True)
     if p.returncode != 0:
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a tmpfs (CI runs as root): {p.stderr}")
