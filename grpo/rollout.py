@@ -4,7 +4,7 @@ Interface (kept stable; the vLLM engines implement the same):
     engine.generate(prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]
     engine.sync(model) -> dict[str, float]   # make the engine sample from the trainer's current weights;
                                              # returns what the sync measured (metrics), {} when nothing to do
-    engine.release() -> None     # optional: free memory while the trainer updates (colocated vLLM)
+    engine.release() -> None     # free memory while the trainer updates (colocated vLLM; a no-op elsewhere)
 
 `HFEngine` samples with transformers' `generate` from the trainer's own module, so its weights are always
 current and `sync` has nothing to copy (under ZeRO-3 the shards are gathered for the duration of a rollout).
@@ -43,6 +43,9 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]: ...
 
     def sync(self, model: torch.nn.Module) -> dict[str, float]: ...
+
+    def release(self) -> None:
+        """Free what the engine holds while the trainer updates (a no-op where nothing can be freed)."""
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -91,6 +94,9 @@ class HFEngine:
     def sync(self, model: torch.nn.Module) -> dict[str, float]:
         self.model = model  # same module: the weights are the trainer's own
         return {}
+
+    def release(self) -> None:
+        """Nothing to free: the engine is the trainer's own module."""
 
     @contextlib.contextmanager
     def _gathered(self):

@@ -344,6 +344,9 @@ class ServerEngine:
             out += [completions(p, s, self.tok) for p, s in zip(share, samples, strict=True)]
         return out
 
+    def release(self) -> None:
+        """Nothing to free here: the servers run on other GPUs."""
+
     def sync(self, model: torch.nn.Module) -> dict[str, float]:
         """Every rank walks the buckets (ZeRO-3 gathers are collective); rank 0 broadcasts them to the servers,
         then checks each server's checksum and canary. The verdict is shared so all ranks stop together."""
@@ -407,16 +410,3 @@ class ServerEngine:
 def _is_local(url: str) -> bool:
     host = urllib.parse.urlparse(url).hostname or ""
     return host in ("localhost", "127.0.0.1", "::1")
-
-
-def wait_ready(url: str, timeout: float) -> None:
-    """Poll /health until a server answers (used by scripts and tests that start servers)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            post(url, "/health", {}, 5.0)
-            return
-        except ServerError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)

@@ -443,11 +443,6 @@ def step_metrics(groups: list[Group], world: int, rounds: int) -> dict[str, floa
     return out
 
 
-def release(rollout) -> None:
-    if hasattr(rollout, "release"):
-        rollout.release()
-
-
 def peak_memory_gib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -519,7 +514,7 @@ def run_step(cfg: Config, st: dict[str, Any], sampler: PromptSampler, step: int,
     st["reward_errors"], st["reward_timeouts"] = {}, {}
     st["step"] = step
     groups, rounds = collect(cfg, st, sampler, timer)  # generate + score + advantages
-    release(st["rollout"])  # a colocated vLLM engine frees its GPU memory for the update
+    st["rollout"].release()  # a colocated vLLM engine frees its GPU memory for the update
     upd = update(cfg, st, groups, timer)  # logprobs + loss + backward + step
     with timer("sync"):
         upd.update(st["rollout"].sync(st["engine"].module))  # new weights to the engine, checked

@@ -55,7 +55,6 @@ class WorkerPool:
         self.memory_mb = memory_mb
         self.ctx = mp.get_context("spawn")
         self.procs: list[tuple[Any, Connection] | None] = [None] * self.n
-        self.restarts = 0
 
     def _start(self, i: int) -> tuple[Any, Connection]:
         parent, child = self.ctx.Pipe()
@@ -73,7 +72,6 @@ class WorkerPool:
             p.join(timeout=5)
             conn.close()
             self.procs[i] = None
-            self.restarts += 1
 
     def map(self, fn: Callable, calls: list[tuple[tuple, dict]], timeout: float) -> list[Outcome]:
         """Run fn(*args, **kwargs) for every call, at most `timeout` seconds each, `workers` at a time."""

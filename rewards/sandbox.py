@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ class RunResult:
     stderr: str
     seconds: float
     truncated: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def sandbox_python() -> str:
