@@ -1,5 +1,9 @@
-"""Shared fixtures. Tiny random models keep unit tests fast; they use the embedded model's real tokenizer
-(converted once into the cache by `grpo prepare-model`, which scripts/setup.sh runs)."""
+"""Fixtures and hooks only (plain helpers: tests/helpers.py). Tiny random models keep unit tests fast; they use the
+embedded model's real tokenizer (converted once into the cache by `grpo prepare-model`, which scripts/setup.sh runs).
+
+Every test carries exactly one tier marker, `unit` or `integration` (their meaning: pyproject.toml's markers and
+README.md's Tests section); collection fails on a test that has neither, both, or `unit` beside a marker that implies
+integration-level cost (slow, vllm, slurm, root)."""
 
 from __future__ import annotations
 
@@ -8,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import make_tiny_model
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
+TIERS = ("unit", "integration")
+NOT_UNIT = ("slow", "vllm", "slurm", "root")
 
 
 @pytest.fixture(scope="session")
@@ -30,42 +37,6 @@ def tokenizer(embedded_dir):
     return load_tokenizer(str(embedded_dir))
 
 
-# Boost of EOS's row of the output head that makes sampled completions of 6 tokens end anywhere from 1 to 6 at
-# temperature 1 on chat prompts (measured, 64 samples: lengths 1..5 drew 39 and 43, length 6 drew 25 and 21, at
-# hidden 32 and 128).
-EOS_BOOST = {32: 1.8, 128: 2.0}
-
-
-def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
-                    eos_likely: bool = True) -> Path:
-    """A Llama of a few thousand hidden units with the real vocabulary, saved as an HF folder. (vLLM's CPU
-    attention needs a head size it has kernels for: hidden=128, heads=2 gives 64.)
-
-    A random model almost never samples EOS, so every completion would end on the length limit: token, sequence and
-    constant aggregation would weigh alike and no "stop" branch would run. With `eos_likely` (the head untied from
-    the embeddings), every input embedding gets a shared component on dimension 0, so the final hidden state points
-    along it, and EOS's row of the head a large one: EOS's logit stands above the rest (greedy decoding stops at
-    once) and sampled lengths vary. (Tied, the boost reached the input side too: a prompt holding an EOS token, as
-    chat templates do, then made EOS certain.)"""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-                      max_position_embeddings=512,
-                      tie_word_embeddings=not eos_likely, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    if eos_likely:
-        with torch.no_grad():
-            model.get_input_embeddings().weight[:, 0] += 0.3
-            model.get_output_embeddings().weight[tokenizer.eos_token_id, 0] += EOS_BOOST[hidden]
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer)
@@ -77,65 +48,25 @@ def vllm_tiny_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-vllm") / "model", tokenizer, hidden=128, heads=2)
 
 
-def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
-    """Overrides that make the default recipe a seconds-long run on the tiny model."""
-    o = {"model.path": str(model_dir), "output_dir": str(out), "steps": 2, "data.num_train": 64,
-         "data.num_eval": 8, "rollout.prompts_per_step": 2, "rollout.num_generations": 4,
-         "rollout.max_new_tokens": 6, "optim.micro_batch_size": 4, "optim.lr": 1e-3, "eval.every": 0,
-         "eval.at_start": False, "checkpoint.every": 1, "log.wandb": False,
-         "rewards": "[{name: accuracy}, {name: 'tests.conftest:length_reward', weight: 0.5}]"}
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def needs_tests(completions, tests, **_):
-    """A user reward that needs a `tests` column (for the missing-column start-up check)."""
-    return [0.0 for _ in completions]
-
-
-def length_reward(completions, **_):
-    """A reward a random tiny model can vary on (characters / 100), so its groups carry signal."""
-    return [len(c) / 100 for c in completions]
-
-
-def flaky_reward(completions, completion_ids, **_):
-    """A reward that fails by completion length (tokens): raises on 1 mod 3, sleeps past any test timeout on
-    2 mod 3, scores length / 10 otherwise. For the end-to-end test of failing rewards."""
-    import time
-
-    out = []
-    for ids in completion_ids:
-        if len(ids) % 3 == 1:
-            raise ValueError(f"flaky_reward: refuses {len(ids)} tokens")
-        if len(ids) % 3 == 2:
-            time.sleep(60)
-        out.append(len(ids) / 10)
-    return out
-
-
-def constant_on_even(completions, answer, **_):
-    """Constant (no signal) on prompts whose answer is even, the completion's length otherwise: dynamic sampling
-    has groups to drop and refill."""
-    return [0.5 if int(a) % 2 == 0 else len(c) / 100 for c, a in zip(completions, answer, strict=True)]
-
-
-def constant_reward(completions, **_):
-    return [0.5 for _ in completions]
-
-
-def execute_notebook(run_dir: Path) -> list:
-    """Execute notebooks/inspect_rollouts.ipynb with a real kernel on `run_dir`; returns the executed code cells."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(ROOT / "notebooks" / "inspect_rollouts.ipynb", as_version=4)
-    os.environ["GRPO_RUN_DIR"] = str(run_dir)
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    finally:
-        del os.environ["GRPO_RUN_DIR"]
-    return [c for c in nb.cells if c.cell_type == "code"]
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Fail collection when a test has no tier (or two, or `unit` with a marker of integration-level cost). Runs
+    before `-m` deselects anything, so `-m unit` checks the whole suite too."""
+    bad = []
+    for item in items:
+        tiers = [t for t in TIERS if item.get_closest_marker(t)]
+        costly = [m for m in NOT_UNIT if item.get_closest_marker(m)]
+        if not tiers:
+            bad.append(f"{item.nodeid}: no tier")
+        elif len(tiers) > 1:
+            bad.append(f"{item.nodeid}: both unit and integration")
+        elif tiers == ["unit"] and costly:
+            bad.append(f"{item.nodeid}: unit, but also {', '.join(costly)}")
+    if bad:
+        shown = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
+        raise pytest.UsageError(
+            f"{len(bad)} test(s) without exactly one tier: mark each `pytest.mark.unit` or `pytest.mark.integration`"
+            f" (module-level `pytestmark = ...` or per test; see README.md, Tests):\n  {shown}")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -5,6 +5,8 @@ import torch
 
 from grpo.advantages import ADVANTAGES, drgrpo, grpo, rloo, zero_variance_groups
 
+pytestmark = pytest.mark.unit
+
 R = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 3.0]], dtype=torch.float64)
 
 

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lengths", ["fixed", "varied"])
 def test_train_phase_runs_both_paths(tmp_path, lengths):
     out = tmp_path / "r.json"
@@ -37,6 +38,7 @@ def test_train_phase_runs_both_paths(tmp_path, lengths):
     assert abs(res["ours"]["grad_norm"] - res["trl"]["grad_norm"]) <= 1e-4 * res["trl"]["grad_norm"]
 
 
+@pytest.mark.unit
 def test_train_phase_model_flops_by_hand():
     """1 layer, hidden 2, 10 parameters; one prompt of 2 tokens with completions of 1 and 2 tokens, one
     micro-batch. TRL: 6*10*3 + 12*2*9/2 = 288 and 6*10*4 + 12*2*16/2 = 432. Ours: 6*10*(2+3) = 300 for the
@@ -56,6 +58,7 @@ def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedPro
     return p
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_logprob_layouts_agree_on_varied_lengths():
     """Completions of 1 to 43 tokens: the three layouts give the same gradient (padding and masks matter here)."""
@@ -64,6 +67,8 @@ def test_logprob_layouts_agree_on_varied_lengths():
     assert len(norms) == 3 and max(norms) - min(norms) <= 1e-4 * max(norms), p.stdout
 
 
+@pytest.mark.integration
+@pytest.mark.root  # code rewards in the bubblewrap sandbox
 def test_reward_throughput_runs(tmp_path):
     out = tmp_path / "r.json"
     _run("reward_throughput.py", "--n", "12", "--workers", "2", "--json", str(out))
@@ -71,6 +76,7 @@ def test_reward_throughput_runs(tmp_path):
     assert res and all(v > 0 for v in _numbers(res))
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_compare_trl_runs_both_trainers(tmp_path):
     out = tmp_path / "r.json"
@@ -81,7 +87,9 @@ def test_compare_trl_runs_both_trainers(tmp_path):
     assert "ours/TRL" in p.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_generation_runs(tmp_path):
     out = tmp_path / "r.json"
     _run("vllm_generation.py", "--prompts", "2", "--n", "3", "--max-new-tokens", "8", "--reps", "1", "--json", str(out))

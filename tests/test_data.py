@@ -6,6 +6,8 @@ import pytest
 from grpo.config import ConfigError, DataConfig
 from grpo.data import PromptSampler, load_rows, render
 
+pytestmark = pytest.mark.unit
+
 ROWS = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import RECIPE, ROOT
 
-RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+pytestmark = pytest.mark.integration
 
 
 def doctor(tmp_path: Path, *args: str, wrapper: str | None = None, timeout: int = 600):
@@ -60,6 +60,7 @@ def test_embedded_recipe_passes_with_the_hf_engine(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_embedded_recipe_passes_with_colocated_vllm(tmp_path):
     pytest.importorskip("vllm") if not os.environ.get("CI") else None
     p = doctor(tmp_path, "rollout.engine=vllm", "--keep")
@@ -85,6 +86,7 @@ ve.load_weights = corrupt
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_a_corrupted_bucket_fails_the_first_sync(tmp_path):
     pytest.importorskip("vllm") if not os.environ.get("CI") else None
     p = doctor(tmp_path, "rollout.engine=vllm", wrapper=CORRUPT)
@@ -104,6 +106,7 @@ def test_a_recipe_that_cannot_fit_fails_the_plan(tmp_path):
     assert r["set-up"][0] == "SKIP"  # nothing was loaded
 
 
+@pytest.mark.root
 def test_sandbox_check_passes_in_bubblewrap_and_fails_without_it(monkeypatch):
     from grpo.config import load_config
     from grpo.doctor import FAIL, PASS, SKIP, sandbox_check

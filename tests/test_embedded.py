@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import ROOT, execute_notebook
-from tests.test_train import metrics, run_cli
+from tests.helpers import ROOT, execute_notebook, metrics, run_cli
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ import yaml
 from grpo.config import ConfigError, load_config, to_dict
 from grpo.export import check_hub_token, model_card, push_to_hub
 from grpo.model import hub_kwargs
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.unit
 
 
 def test_model_card_names_recipe_rewards_and_metrics():

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs slurm's scontrol (system-deps.sh)")
+pytestmark = [pytest.mark.integration, pytest.mark.slurm,
+              pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs slurm's scontrol (system-deps.sh)")]
 
 
 def dry_run(nodes: str, gpus: int | None, **env: str) -> subprocess.CompletedProcess:

@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 
 from grpo.view import RunError, group_summary, group_table, load_run, pass_at_k, pass_at_k_table
-from tests.conftest import ROOT, execute_notebook, tiny_overrides
-from tests.test_train import run_cli
+from tests.helpers import ROOT, execute_notebook, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +24,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     return run
 
 
+@pytest.mark.unit
 def test_pass_at_k_by_hand():
     assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
@@ -37,10 +37,11 @@ def test_pass_at_k_by_hand():
     assert t[t["k"] == 3]["pass@k"].item() == pytest.approx(1.0)
 
 
+@pytest.mark.integration
 def test_readers_on_a_real_run(tiny_run):
     run = load_run(tiny_run)
     assert sorted(run.rollouts["step"].unique()) == [1, 2, 3]
-    assert "tests.conftest:length_reward" in run.reward_names
+    assert "tests.helpers:length_reward" in run.reward_names
     g = group_summary(run)
     assert len(g) == 2 and set(g["step"]) == {3}
     # the zero-variance flag agrees with the records themselves
@@ -56,6 +57,7 @@ def test_readers_on_a_real_run(tiny_run):
     assert "eval/pass@3" in m.columns
 
 
+@pytest.mark.integration
 def test_inspect_cli(tiny_run):
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "grpo", "inspect", str(tiny_run), "--top", "1"], env=env,
@@ -70,6 +72,7 @@ def test_inspect_cli(tiny_run):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "file"])
+@pytest.mark.integration
 def test_bad_run_dirs_give_a_message_not_a_traceback(tmp_path, case):
     target = tmp_path / "x"
     if case == "empty":
@@ -83,6 +86,7 @@ def test_bad_run_dirs_give_a_message_not_a_traceback(tmp_path, case):
     assert str(target) in p.stdout
 
 
+@pytest.mark.integration
 def test_run_still_being_written(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy)
@@ -93,6 +97,7 @@ def test_run_still_being_written(tiny_run, tmp_path):
     assert run.metrics["step"].max() == 3 and run.rollouts["step"].max() == 3
 
 
+@pytest.mark.integration
 def test_old_schema_is_refused_clearly(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy)
@@ -104,6 +109,7 @@ def test_old_schema_is_refused_clearly(tiny_run, tmp_path):
         load_run(copy)
 
 
+@pytest.mark.integration
 def test_notebook_runs_top_to_bottom(tiny_run):
     code = execute_notebook(tiny_run)
     assert all(c.execution_count is not None for c in code)
@@ -112,6 +118,7 @@ def test_notebook_runs_top_to_bottom(tiny_run):
     assert pngs == 4  # curves, length/reward, engine/trainer logprobs, pass@k
 
 
+@pytest.mark.unit
 def test_committed_notebook_matches_its_builder():
     import nbformat
 

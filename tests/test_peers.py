@@ -39,6 +39,7 @@ def table():
     return peer_cases.agreement()
 
 
+@pytest.mark.integration  # ~500 peer cases through math-verify: seconds, shared with the next test
 def test_peer_agreement_is_at_least_97_percent_and_every_difference_is_listed(table):
     diffs = {r["origin"] for r in table if not r["agree"]}
     assert diffs == set(DIFFERENCES), (sorted(diffs - set(DIFFERENCES)), sorted(set(DIFFERENCES) - diffs))
@@ -47,6 +48,7 @@ def test_peer_agreement_is_at_least_97_percent_and_every_difference_is_listed(ta
     assert len(table) > 400
 
 
+@pytest.mark.integration
 def test_no_wrong_answer_is_paid(table):
     """Where a peer says the answer is wrong, we never pay 1.0, except the two cases where the completion states the
     gold value and Math-Verify only refuses its layout (listed above)."""
@@ -56,6 +58,8 @@ def test_no_wrong_answer_is_paid(table):
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (scripts/system-deps.sh)")
+@pytest.mark.integration
+@pytest.mark.root
 def test_verl_code_cases():
     """verl's prime_code and Sandbox Fusion cases through code_tests, in our sandbox. verl returns per-test lists
     (True, or a negative error code); our score is the fraction passed."""
@@ -122,12 +126,14 @@ def test_verl_code_cases():
     ("\\boxed{10}", "10 cm", "boxed", 1.0),
     ("\\boxed{11}", "10 cm", "boxed", 0.0),
 ])
+@pytest.mark.unit
 def test_accuracy_cases_from_the_issue(text, gold, mode, expected):
     from rewards.math import accuracy
 
     assert accuracy([text], [gold], extract=mode) == [expected]
 
 
+@pytest.mark.unit
 def test_accuracy_options():
     from rewards.math import accuracy
 
@@ -142,6 +148,7 @@ def test_accuracy_options():
         accuracy([], [], precision=-1)
 
 
+@pytest.mark.integration  # waits out math-verify's own timeout (5 s)
 def test_math_timeouts_are_errors_never_zeros():
     """math-verify swallows its own timeouts into an empty parse or a False; ours propagate to the runner."""
     from rewards.runner import build_rewards, score
@@ -151,6 +158,7 @@ def test_math_timeouts_are_errors_never_zeros():
     assert s.errors["accuracy"] == 2 and math.isnan(s.total[0])  # the in-process call covers the whole batch
 
 
+@pytest.mark.unit
 def test_hostile_inputs_stay_linear():
     import time
 
@@ -165,6 +173,7 @@ def test_hostile_inputs_stay_linear():
     assert time.perf_counter() - t0 < 5
 
 
+@pytest.mark.unit
 def test_sandbox_that_cannot_start_is_an_error(monkeypatch):
     from rewards import code
     from rewards.sandbox import RunResult
@@ -174,6 +183,7 @@ def test_sandbox_that_cannot_start_is_an_error(monkeypatch):
         code.code_tests(["```python\nprint(1)\n```"], [{"inputs": [""], "outputs": ["1"]}])
 
 
+@pytest.mark.unit
 def test_new_peer_rewards_by_hand():
     from rewards.format import code_format, think_answer
     from rewards.shaping import len_reward, reasoning_steps
@@ -191,6 +201,7 @@ def test_new_peer_rewards_by_hand():
                         require_answer=False) == [1.0, 0.0]
 
 
+@pytest.mark.unit
 def test_completions_as_messages_score_like_text():
     from rewards import REGISTRY
 
@@ -209,6 +220,7 @@ class Spec:
         self.name, self.args, self.init, self.weight = name, args or {}, init or {}, weight
 
 
+@pytest.mark.unit
 def test_rewards_are_called_by_keyword_as_trl_calls_them():
     from rewards.runner import TrainerState, build_rewards, score
 
@@ -230,34 +242,25 @@ def test_rewards_are_called_by_keyword_as_trl_calls_them():
     assert s.per_reward["trl.rewards.get_soft_overlong_punishment"] == [-0.5, -1.0]
 
 
-def _returns(value):
-    def reward(completions, **kwargs):
-        return value(completions)
-    return reward
-
-
-bad_length = _returns(lambda c: [1.0] * (len(c) + 1))
-not_a_number = _returns(lambda c: ["1.0"] * len(c))
-raises = _returns(lambda c: [1 / 0 for _ in c])
-
-
 @pytest.mark.parametrize("name", ["bad_length", "not_a_number", "raises"])
+@pytest.mark.integration
 def test_a_broken_reward_is_an_error_never_a_zero(name, tmp_path):
     from rewards.pool import WorkerPool
     from rewards.runner import build_rewards, score
 
-    rs = build_rewards([Spec("accuracy"), Spec(f"tests.test_peers.{name}")])
+    rs = build_rewards([Spec("accuracy"), Spec(f"tests.helpers.{name}")])
     for pool in (None, WorkerPool(1)):
         try:
             s = score(rs, ["7", "8"], {"answer": ["7", "7"]}, pool)
         finally:
             if pool is not None:
                 pool.close()
-        assert s.errors[f"tests.test_peers.{name}"] == 2
-        assert all(math.isnan(v) for v in s.per_reward[f"tests.test_peers.{name}"])
+        assert s.errors[f"tests.helpers.{name}"] == 2
+        assert all(math.isnan(v) for v in s.per_reward[f"tests.helpers.{name}"])
         assert all(math.isnan(t) for t in s.total)
 
 
+@pytest.mark.integration
 def test_batched_reward_sees_each_group_alone():
     from rewards.pool import WorkerPool
     from rewards.runner import build_rewards, score
@@ -273,6 +276,7 @@ def test_batched_reward_sees_each_group_alone():
         pool.close()
 
 
+@pytest.mark.unit
 def test_bad_reward_names_and_factories_fail_at_start_up():
     from rewards.runner import build_rewards
 
@@ -286,6 +290,7 @@ def test_bad_reward_names_and_factories_fail_at_start_up():
 
 # ------------------------------------------------------------------------------------------------ data
 
+@pytest.mark.unit
 def test_conversational_and_folder_data(tmp_path, tokenizer):
     import datasets
 
@@ -323,13 +328,14 @@ def test_conversational_and_folder_data(tmp_path, tokenizer):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("conversational", [True, False])
+@pytest.mark.integration
 def test_trl_and_user_rewards_in_a_real_run(tmp_path, conversational):
     """The embedded model, one step, scored by TRL's published rewards (by name; one built by its factory) and a
     user's open-r1-style file. Every recorded score is recomputed through TRL's own functions (and by hand) from the
     recorded completion."""
     from trl.rewards import accuracy_reward, think_format_reward
 
-    from tests.test_train import run_cli
+    from tests.helpers import run_cli
 
     qs = [("What is 2+3? Put the answer in \\boxed{}.", "5"), ("What is 4+4?", "8"), ("Say hello.", "hello there")]
     data = tmp_path / "data.jsonl"

@@ -11,19 +11,19 @@ import pytest
 
 from grpo.config import ConfigError, load_config
 from grpo.plan import GIB, model_shape, plan
-from tests.conftest import ROOT
-
-RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+from tests.helpers import RECIPE, ROOT
 
 
 @pytest.mark.parametrize("name,count", [
     ("Qwen/Qwen2.5-1.5B-Instruct", 1_543_714_304),  # the model card's 1.54B, exactly
     ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512),  # 7.61B
 ])
+@pytest.mark.unit
 def test_parameter_counts_match_published_figures(name, count):
     assert model_shape(name).params() == count
 
 
+@pytest.mark.integration  # loads the embedded model
 def test_parameter_count_matches_the_real_embedded_model(embedded_dir):
     from grpo.model import load_model
 
@@ -35,6 +35,7 @@ def _cfg(*over):
     return load_config(RECIPE, ["model.path=Qwen/Qwen2.5-1.5B-Instruct", "model.dtype=bfloat16", *over])
 
 
+@pytest.mark.unit
 def test_zero_stages_shard_the_right_terms():
     P = 1_543_714_304
     p0 = plan(_cfg("deepspeed.zero_stage=0"), 8, 80).terms_gib
@@ -53,6 +54,7 @@ def test_zero_stages_shard_the_right_terms():
     assert fp32["optimizer states"] == pytest.approx(8 * P / GIB)  # m + v beside fp32 weights
 
 
+@pytest.mark.unit
 def test_activations_by_hand_and_checkpointing_shrinks_them():
     padded = ("optim.layout=padded", "optim.micro_batch_size=4", "rollout.max_new_tokens=100")
     s = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
@@ -67,6 +69,7 @@ def test_activations_by_hand_and_checkpointing_shrinks_them():
     assert ck < act / 10
 
 
+@pytest.mark.unit
 def test_prefix_layout_activations_by_hand():
     """4 sequences of groups of 8 hold at most 2 distinct prompts: 2 x 156 + 4 x 100 = 712 tokens. The prefix
     attention adds, per layer, the gathered keys and values (4 x 256 slots x 1536, expanded on CUDA) and queries
@@ -86,6 +89,7 @@ def test_prefix_layout_activations_by_hand():
     assert one.terms_gib["activations (one micro-batch)"] == pytest.approx(256 * 28 * 2 * (8 * 1536 + 4 * 8960) / GIB)
 
 
+@pytest.mark.unit
 def test_colocated_vllm_holds_its_share_while_sampling():
     p = plan(_cfg("rollout.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.3"), 1, 80)
     assert p.terms_gib["colocated vLLM (while sampling)"] == pytest.approx(24.0)
@@ -93,6 +97,7 @@ def test_colocated_vllm_holds_its_share_while_sampling():
     assert p.generation_gib == pytest.approx(static + 24.0)
 
 
+@pytest.mark.unit
 def test_does_not_fit_gives_advice_that_helps():
     cfg = _cfg("optim.micro_batch_size=16", "rollout.max_new_tokens=1024")
     small = plan(cfg, 1, 24)
@@ -103,6 +108,7 @@ def test_does_not_fit_gives_advice_that_helps():
     assert fixed.fits
 
 
+@pytest.mark.integration
 def test_cli(tmp_path):
     args = [sys.executable, "-m", "grpo", "plan", str(RECIPE), "model.path=Qwen/Qwen2.5-1.5B-Instruct",
             "model.dtype=bfloat16"]
@@ -121,6 +127,7 @@ def test_cli(tmp_path):
     ("qwen2.5-0.5b-gsm8k-24gb.yaml", 1, 24), ("qwen2.5-1.5b-gsm8k-80gb.yaml", 1, 80),
     ("qwen2.5-1.5b-math-80gb.yaml", 1, 80), ("qwen2.5-7b-math-multinode.yaml", 16, 80),
 ])
+@pytest.mark.unit
 def test_shipped_gpu_recipes_load_and_fit_as_their_comments_say(recipe, gpus, memory):
     path = ROOT / "recipes" / recipe
     cfg = load_config(path)
@@ -130,6 +137,7 @@ def test_shipped_gpu_recipes_load_and_fit_as_their_comments_say(recipe, gpus, me
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+@pytest.mark.unit
 def test_every_recipe_loads_with_an_installed_attention(recipe):
     """Every shipped recipe loads as it is in the environment scripts/setup.sh builds (a recipe asking for
     flash_attention_2, which nothing installs, failed only when the model loaded on the GPU node)."""
@@ -140,6 +148,7 @@ def test_every_recipe_loads_with_an_installed_attention(recipe):
     assert impl in ("sdpa", "eager") or importlib.util.find_spec({"flash_attention_2": "flash_attn"}[impl])
 
 
+@pytest.mark.unit
 def test_flash_attention_without_the_package_is_refused_at_start_up():
     import importlib.util
 
@@ -149,6 +158,7 @@ def test_flash_attention_without_the_package_is_refused_at_start_up():
         load_config(RECIPE, ["model.attn_implementation=flash_attention_2"])
 
 
+@pytest.mark.unit
 def test_recipe_comments_name_recipes_that_exist():
     import re
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_overrides
-from tests.test_train import RECIPE, metrics, run_cli
+from tests.helpers import RECIPE, ROOT, metrics, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.integration
 
 STEPS = 6
 KEYS = ("reward/mean", "loss/pg", "entropy", "completion/len_mean", "grad_norm")
@@ -136,6 +137,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.root
 def test_full_disk_during_save_loses_nothing(small_disk, tiny_model_dir, reference):
     run = small_disk / "run"
     args = _args(tiny_model_dir, run, **{"checkpoint.every": 1})

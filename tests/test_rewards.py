@@ -10,6 +10,8 @@ from rewards.format import number_only, think_answer
 from rewards.math import accuracy, extract_answer
 from rewards.runner import Reward, build_rewards, check_columns, score
 
+pytestmark = pytest.mark.unit
+
 
 class Spec:
     def __init__(self, name, weight=1.0, args=None):
@@ -174,3 +176,15 @@ def test_last_answer_tag_agrees_with_the_regex():
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
         found = rx.findall(text)
         assert last_answer_tag(text) == (found[-1] if found else None), text
+
+
+def test_missing_bubblewrap_refuses(monkeypatch):
+    """Without bubblewrap the sandbox refuses to run code (tests/test_sandbox.py runs it for real)."""
+    import shutil
+
+    from rewards.sandbox import SandboxUnavailable, check_available
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("GRPO_UNSAFE_NO_SANDBOX", raising=False)
+    with pytest.raises(SandboxUnavailable, match="bubblewrap"):
+        check_available()

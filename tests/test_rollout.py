@@ -5,6 +5,8 @@ from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
 from grpo.model import load_model
 from grpo.rollout import HFEngine, SamplingParams
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tokenizer):

@@ -21,6 +21,7 @@ from rewards.shaping import (
     soft_overlong,
     tag_count,
 )
+from tests.helpers import ROOT
 
 
 def _sleep(x):
@@ -46,6 +47,7 @@ def pool():
         yield p
 
 
+@pytest.mark.integration
 def test_pool_keeps_order_and_separates_outcomes(pool):
     calls = [((0.01,), {}), ((30,), {}), ((0.02,), {})]
     t0 = time.monotonic()
@@ -56,6 +58,7 @@ def test_pool_keeps_order_and_separates_outcomes(pool):
     assert [o.value for o in pool.map(_sleep, [((0.0,), {})] * 4, timeout=5)] == [0.0] * 4  # respawned
 
 
+@pytest.mark.integration
 def test_pool_survives_crashes_memory_and_exceptions(pool):
     out = pool.map(_die, [((3,), {})], timeout=5)
     assert "died" in out[0].error
@@ -67,6 +70,7 @@ def test_pool_survives_crashes_memory_and_exceptions(pool):
 
 @pytest.mark.parametrize("pred", [r"\boxed{9^{9^{9^{9^{9}}}}}", r"\boxed{100000000!}",
                                   r"\boxed{\log(\log(\log(10^{10^{10^{10}}})))}"])
+@pytest.mark.integration
 def test_exploding_math_is_cut_off(pool, pred):
     t0 = time.monotonic()
     out = pool.map(accuracy, [(([pred],), {"answer": ["5"], "extract": "boxed"})], timeout=3)
@@ -75,6 +79,7 @@ def test_exploding_math_is_cut_off(pool, pred):
     assert o.timed_out or o.error is not None or o.value == [0.0]
 
 
+@pytest.mark.integration
 def test_runner_with_pool_costs_only_the_hanging_sample(pool):
     rs = build_rewards([type("S", (), {"name": "accuracy", "weight": 1.0, "args": {"extract": "boxed"},
                                        "timeout": 2.0})()])
@@ -86,6 +91,7 @@ def test_runner_with_pool_costs_only_the_hanging_sample(pool):
     assert s.total[0] == 1.0 and s.total[2] == 0.0
 
 
+@pytest.mark.integration
 def test_runner_in_process_and_pooled_agree(pool):
     rs = [Reward("tag_count", BoundReward("tag_count")), Reward("rep", BoundReward("repetition_penalty"), 0.5)]
     comps = ["<think>a b c a b c</think><answer>1</answer>", "", "x y z"]
@@ -94,11 +100,13 @@ def test_runner_in_process_and_pooled_agree(pool):
     assert a.total == pytest.approx(b.total)
 
 
+@pytest.mark.unit
 def test_tag_count():
     assert tag_count(["<think>x</think><answer>1</answer>", "<think><think>", "", "</answer>"]) == [1.0, 0.0, 0.0,
                                                                                                    0.25]
 
 
+@pytest.mark.unit
 def test_soft_overlong_by_hand():
     assert soft_overlong(["a"] * 5, num_tokens=[10, 12, 14, 16, 17], max_tokens=16, buffer=4) == pytest.approx(
         [0.0, 0.0, -0.5, -1.0, -1.0])
@@ -106,6 +114,7 @@ def test_soft_overlong_by_hand():
         soft_overlong([], num_tokens=[], max_tokens=4, buffer=5)
 
 
+@pytest.mark.unit
 def test_cosine_length_by_hand():
     got = cosine_length(["7", "7", "8", "8", "7"], answer=["7", "7", "7", "7", "x{"], num_tokens=[0, 100, 0, 100, 5],
                         max_tokens=100)
@@ -115,6 +124,7 @@ def test_cosine_length_by_hand():
     assert got[4] is None
 
 
+@pytest.mark.unit
 def test_repetition_penalty_by_hand():
     # 6 words -> 4 trigrams, of which ("a","b","c") twice: 3 unique of 4
     assert repetition_penalty(["a b c a b c"], ngram=3) == pytest.approx([-(1 - 3 / 4)])
@@ -122,6 +132,7 @@ def test_repetition_penalty_by_hand():
     assert repetition_penalty(["x " * 100], ngram=2, max_penalty=-0.5)[0] == pytest.approx(-0.5 * (1 - 1 / 99))
 
 
+@pytest.mark.unit
 def test_countdown():
     meta = json.dumps({"numbers": [66, 34, 98, 54, 6], "target": 164})
     comps = ["<answer>6*(98 - 54) - 34 - 66</answer>", "<answer>6*(98-54)-34-66-0</answer>",
@@ -131,6 +142,7 @@ def test_countdown():
     assert countdown(["1"], metadata=["{}"]) == [None]
 
 
+@pytest.mark.unit
 def test_reasoning_gym_adapter_uses_the_tasks_own_scorer():
     import reasoning_gym
 
@@ -150,15 +162,13 @@ def _check(*args):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
-
     return subprocess.run([sys.executable, "-m", "grpo", "check-rewards", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_shipped_reward_cases_agree():
-    from tests.conftest import ROOT
-
     recipe = ROOT / "recipes" / "smollm2-135m-arith.yaml"
     p = _check(recipe, ROOT / "rewards" / "cases" / "arithmetic.jsonl")
     assert p.returncode == 0 and "all agree" in p.stdout, p.stdout + p.stderr
@@ -166,9 +176,8 @@ def test_shipped_reward_cases_agree():
     assert p.returncode == 0 and "13 checks on 11 cases: all agree" in p.stdout, p.stdout + p.stderr
 
 
+@pytest.mark.integration
 def test_check_rewards_reports_disagreements(tmp_path):
-    from tests.conftest import ROOT
-
     cases = tmp_path / "c.jsonl"
     cases.write_text(json.dumps({"completion": "2 + 2 = 5", "answer": "4", "expected": {"accuracy": 1.0},
                                  "note": "deliberately wrong label"}) + "\n")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.helpers import ROOT, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,7 @@ def _preempt_and_finish(jid: str, run: Path, log: Path, steps: int) -> str:
     return text
 
 
+@pytest.mark.vllm
 def test_multinode_job_with_vllm_servers(slurm, tmp_path, vllm_tiny_dir):
     """slurm/multinode.slurm on the one-node cluster (both roles share the node): a vLLM server step and a trainer
     step, weights synced every step, preempted, requeued (servers too), resumed, finished."""

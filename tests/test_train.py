@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.helpers import metrics, run_cli, tiny_overrides
 
-RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
-
-
-def run_cli(args: list[str], timeout: int = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}
-    cmd = (launcher or [sys.executable]) + ["-m", "grpo", "train", str(RECIPE), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+pytestmark = pytest.mark.integration
 
 
 def test_tiny_run_writes_every_artefact(tmp_path, tiny_model_dir):
@@ -41,7 +26,7 @@ def test_tiny_run_writes_every_artefact(tmp_path, tiny_model_dir):
                 "memory/peak_gib", "completion/truncated_frac", "logprob_mismatch/mean_abs"):
         assert key in m[1], key
     assert m[1]["lr"] > 0 and m[1]["grad_norm"] > 0
-    assert "reward/tests.conftest:length_reward/mean" in m[1]
+    assert "reward/tests.helpers:length_reward/mean" in m[1]
     assert m[1]["logprob_mismatch/mean_abs"] < 1e-3  # the HF engine samples from the trainer's own weights
     assert "eval/accuracy" in m[0] and "eval/accuracy" in m[2]
 
@@ -112,7 +97,7 @@ def test_dataset_without_reward_column(tmp_path, tiny_model_dir):
     assert p.returncode == 2 and "column 'answer' not in" in p.stderr
     p = run_cli(tiny_overrides(tiny_model_dir, tmp_path / "r3", **{
         "data.source": "hf", "data.path": str(data), "data.answer_column": "solution", "data.num_eval": 2,
-        "rewards": "[{name: 'tests.conftest:needs_tests'}]"}))
+        "rewards": "[{name: 'tests.helpers:needs_tests'}]"}))
     assert p.returncode == 2 and "needs column(s) ['tests']" in p.stderr, p.stderr[-2000:]
 
 
@@ -166,7 +151,7 @@ def test_failing_reward_through_a_real_run(tmp_path, tiny_model_dir):
     processes, through two real steps: the counts in the metrics, NaN totals and zero advantages in the records,
     the advantages of the rest computed from the valid samples only, the loud log line, and the run goes on."""
     run = tmp_path / "run"
-    rewards = "[{name: 'tests.conftest:flaky_reward', timeout: 1.0}]"
+    rewards = "[{name: 'tests.helpers:flaky_reward', timeout: 1.0}]"
     p = run_cli(tiny_overrides(tiny_model_dir, run, **{"rewards": rewards, "scoring.max_error_frac": 0.05,
                                                        "rollout.num_generations": 6, "optim.micro_batch_size": 6}))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -181,7 +166,7 @@ def test_failing_reward_through_a_real_run(tmp_path, tiny_model_dir):
         failed = kind != "ok"
         assert (roll["reward_error"] == failed).all()
         assert roll.loc[failed, "reward_total"].isna().all() and (roll.loc[failed, "advantage"] == 0).all()
-        name = "reward/tests.conftest:flaky_reward"
+        name = "reward/tests.helpers:flaky_reward"
         assert rec[f"{name}/errors"] == int(failed.sum()) and rec[f"{name}/timeouts"] == int((kind == "sleep").sum())
         assert rec["reward/errors"] == int(failed.sum())
         for _, g in roll.groupby("prompt_id"):  # GRPO over the valid samples only

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_overrides
-from tests.test_train import metrics, run_cli
+from tests.helpers import metrics, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.integration
 
 
 def _port() -> int:
@@ -66,7 +67,7 @@ def test_zero3_generation_with_ranks_stopping_apart(tmp_path, tokenizer):
     import os
     import subprocess
 
-    from tests.conftest import ROOT, make_tiny_model
+    from tests.helpers import ROOT, make_tiny_model
 
     # a model that (almost) never samples EOS, so each rank's completions run to its own limit: 2 and 24 tokens
     model_dir = make_tiny_model(tmp_path / "model", tokenizer, eos_likely=False)
@@ -89,7 +90,7 @@ def test_zero3_logprobs_with_uneven_chunks(tiny_model_dir):
     import os
     import subprocess
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -111,7 +112,7 @@ def test_dynamic_sampling_refills_on_two_ranks(tmp_path, tiny_model_dir, reward)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(_port())]
     p = run_cli(tiny_overrides(tiny_model_dir, run, **{
-        "rewards": f"[{{name: 'tests.conftest:{reward}'}}]", "rollout.dynamic_sampling": True,
+        "rewards": f"[{{name: 'tests.helpers:{reward}'}}]", "rollout.dynamic_sampling": True,
         "rollout.max_sampling_rounds": 3, "rollout.prompts_per_step": 4, "checkpoint.every": 1}),
         launcher=launcher, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]

@@ -1,0 +1,137 @@
+"""Plain helpers shared by the test modules and worker scripts (no fixtures, no hooks: those live in conftest.py).
+Test modules import from here, never from each other. Recipes and overrides name the rewards below by dotted path
+(`tests.helpers:length_reward`), so they must stay importable from a fresh process (scoring workers, the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+
+# Boost of EOS's row of the output head that makes sampled completions of 6 tokens end anywhere from 1 to 6 at
+# temperature 1 on chat prompts (measured, 64 samples: lengths 1..5 drew 39 and 43, length 6 drew 25 and 21, at
+# hidden 32 and 128).
+EOS_BOOST = {32: 1.8, 128: 2.0}
+
+
+def make_tiny_model(path: Path, tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
+                    eos_likely: bool = True) -> Path:
+    """A Llama of a few thousand hidden units with the real vocabulary, saved as an HF folder. (vLLM's CPU
+    attention needs a head size it has kernels for: hidden=128, heads=2 gives 64.)
+
+    A random model almost never samples EOS, so every completion would end on the length limit: token, sequence and
+    constant aggregation would weigh alike and no "stop" branch would run. With `eos_likely` (the head untied from
+    the embeddings), every input embedding gets a shared component on dimension 0, so the final hidden state points
+    along it, and EOS's row of the head a large one: EOS's logit stands above the rest (greedy decoding stops at
+    once) and sampled lengths vary. (Tied, the boost reached the input side too: a prompt holding an EOS token, as
+    chat templates do, then made EOS certain.)"""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+                      max_position_embeddings=512,
+                      tie_word_embeddings=not eos_likely, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    if eos_likely:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[:, 0] += 0.3
+            model.get_output_embeddings().weight[tokenizer.eos_token_id, 0] += EOS_BOOST[hidden]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
+    """Overrides that make the default recipe a seconds-long run on the tiny model."""
+    o = {"model.path": str(model_dir), "output_dir": str(out), "steps": 2, "data.num_train": 64,
+         "data.num_eval": 8, "rollout.prompts_per_step": 2, "rollout.num_generations": 4,
+         "rollout.max_new_tokens": 6, "optim.micro_batch_size": 4, "optim.lr": 1e-3, "eval.every": 0,
+         "eval.at_start": False, "checkpoint.every": 1, "log.wandb": False,
+         "rewards": "[{name: accuracy}, {name: 'tests.helpers:length_reward', weight: 0.5}]"}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run_cli(args: list[str], timeout: int = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`grpo train` on the default recipe with `args` (overrides), in a subprocess from the repository root."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    cmd = (launcher or [sys.executable]) + ["-m", "grpo", "train", str(RECIPE), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def execute_notebook(run_dir: Path) -> list:
+    """Execute notebooks/inspect_rollouts.ipynb with a real kernel on `run_dir`; returns the executed code cells."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "inspect_rollouts.ipynb", as_version=4)
+    os.environ["GRPO_RUN_DIR"] = str(run_dir)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        del os.environ["GRPO_RUN_DIR"]
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+# ------------------------------------------------------------------ rewards named by recipes in tests (by path)
+
+def needs_tests(completions, tests, **_):
+    """A user reward that needs a `tests` column (for the missing-column start-up check)."""
+    return [0.0 for _ in completions]
+
+
+def length_reward(completions, **_):
+    """A reward a random tiny model can vary on (characters / 100), so its groups carry signal."""
+    return [len(c) / 100 for c in completions]
+
+
+def flaky_reward(completions, completion_ids, **_):
+    """A reward that fails by completion length (tokens): raises on 1 mod 3, sleeps past any test timeout on
+    2 mod 3, scores length / 10 otherwise. For the end-to-end test of failing rewards."""
+    import time
+
+    out = []
+    for ids in completion_ids:
+        if len(ids) % 3 == 1:
+            raise ValueError(f"flaky_reward: refuses {len(ids)} tokens")
+        if len(ids) % 3 == 2:
+            time.sleep(60)
+        out.append(len(ids) / 10)
+    return out
+
+
+def constant_on_even(completions, answer, **_):
+    """Constant (no signal) on prompts whose answer is even, the completion's length otherwise: dynamic sampling
+    has groups to drop and refill."""
+    return [0.5 if int(a) % 2 == 0 else len(c) / 100 for c, a in zip(completions, answer, strict=True)]
+
+
+def constant_reward(completions, **_):
+    return [0.5 for _ in completions]
+
+
+def _returns(value):
+    def reward(completions, **kwargs):
+        return value(completions)
+    return reward
+
+
+# Broken rewards (tests/test_peers.py): each must count as an error, never as a zero.
+bad_length = _returns(lambda c: [1.0] * (len(c) + 1))
+not_a_number = _returns(lambda c: ["1.0"] * len(c))
+raises = _returns(lambda c: [1 / 0 for _ in c])
