@@ -89,7 +89,7 @@ def finish(model, opt) -> float:
 
 def step_ours(model, batch, adv, args, opt):
     from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
-    from grpo.loss import policy_loss, token_weights
+    from grpo.loss import LossInput, policy_loss, token_weights
 
     total = sum(len(c) for _, c in batch)
     for i in range(0, len(batch), args.micro):
@@ -98,7 +98,7 @@ def step_ours(model, batch, adv, args, opt):
         logp, _ = completion_logprobs(model, mb, 1.0, args.chunk)
         a = adv[i : i + args.micro].to(args.device)[mb.seq_index]
         w = token_weights("token", mb.seq_len, total, len(batch), args.completion)
-        policy_loss(logp, logp.detach(), a, w, 0.2, 0.28).loss.backward()
+        policy_loss(LossInput(logp, logp.detach(), a, w), 0.2, 0.28).loss.backward()
     return finish(model, opt)
 
 

@@ -1,4 +1,4 @@
-"""`grpo train RECIPE.yaml [dotted.key=value ...]` (also `python -m grpo`).
+"""`grpo COMMAND RECIPE.yaml [dotted.key=value ...]` (also `python -m grpo`).
 
 Multi-process: `torchrun --nproc_per_node N -m grpo train ...` or `deepspeed --num_gpus N -m grpo ...`.
 Server mode: `grpo serve RECIPE --port 8000` on the generation GPUs/nodes, then
@@ -11,128 +11,151 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from grpo.config import ConfigError, load_config
+
+RECIPE = ("recipe", {"help": "path to a recipe YAML (see recipes/)"})
+OVERRIDES = ("overrides", {"nargs": "*", "help": "dotted.key=value overrides, e.g. rollout.num_generations=16"})
+
+
+def _train(a) -> int:
+    from grpo.train import train
+
+    print(f"run directory: {train(load_config(a.recipe, a.overrides))}")
+    return 0
+
+
+def _eval(a) -> int:
+    from grpo.train import evaluate_only
+
+    ev = evaluate_only(load_config(a.recipe, [f"model.path={a.model}", *a.overrides]))
+    print(" ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+    return 0
+
+
+def _inspect(a) -> int:
+    from grpo.inspect_cli import inspect_run
+
+    return inspect_run(a.run_dir, a.step, a.prompt, a.top)
+
+
+def _check_rewards(a) -> int:
+    from rewards.check import main
+
+    return main(a.recipe, a.cases, a.overrides)
+
+
+def _serve(a) -> int:
+    from grpo.serve import serve
+
+    serve(load_config(a.recipe, a.overrides), a.host, a.port, a.ready_file)
+    return 0
+
+
+def _plan(a) -> int:
+    from grpo.plan import main
+
+    return main(a.recipe, a.overrides, a.gpus, a.gpu_memory, a.device, a.json)
+
+
+def _doctor(a) -> int:
+    from grpo.doctor import doctor
+
+    return doctor(a.recipe, a.overrides, a.memory, a.keep, a.json)
+
+
+def _prepare_model(a) -> int:
+    from grpo.model import embedded_model_dir
+
+    print(embedded_model_dir())
+    return 0
+
+
+@dataclass
+class Command:
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    args: tuple = ()  # (name, argparse keywords) pairs
+
+
+COMMANDS = {
+    "train": Command(_train, "train a policy with GRPO from a recipe", (RECIPE, OVERRIDES)),
+    "eval": Command(_eval, "evaluate a model on a recipe's held-out split (greedy, or pass@k)", (
+        RECIPE, ("model", {"help": "HF model folder, e.g. a run's final/"}), OVERRIDES)),
+    "inspect": Command(_inspect, "summarise a run directory: curves, worst/best groups, a prompt's group", (
+        ("run_dir", {}),
+        ("--step", {"type": int, "default": None, "help": "step to show groups of (default: the last)"}),
+        ("--prompt", {"default": None, "help": "show only this prompt id's group"}),
+        ("--top", {"type": int, "default": 3, "help": "how many worst and best groups"}))),
+    "check-rewards": Command(_check_rewards, "score labelled cases with a recipe's rewards, report disagreements", (
+        RECIPE, ("cases", {"help": "JSONL: completion, row columns, expected scores per reward"}), OVERRIDES)),
+    "serve": Command(_serve, "start a vLLM generation server for a recipe's model (server mode)", (
+        RECIPE, OVERRIDES,
+        ("--host", {"default": "0.0.0.0", "help": "address to listen on (default: all)"}),
+        ("--port", {"type": int, "default": 8000, "help": "HTTP port (0: any free port)"}),
+        ("--ready-file", {"default": None, "help": "append this server's URL to the file once it is ready"}))),
+    "plan": Command(_plan, "predict peak memory per GPU for a recipe, and whether it fits", (
+        RECIPE, OVERRIDES,
+        ("--gpus", {"type": int, "default": 1, "help": "GPUs (training ranks) the run uses"}),
+        ("--gpu-memory", {"type": float, "default": None, "help": "GiB per GPU (e.g. 24, 80)"}),
+        ("--device", {"choices": ("cuda", "cpu"), "default": "cuda"}),
+        ("--json", {"action": "store_true"}))),
+    "doctor": Command(_doctor, "exercise every path a recipe uses (devices, collectives, rollout engine and sync, "
+                      "two training steps, memory, checkpoint) in minutes; a table and a verdict", (
+        RECIPE, OVERRIDES,
+        ("--memory", {"type": float, "default": None, "help": "GiB per device to plan against (default: the "
+                      "device's total on GPU, available RAM per process on CPU)"}),
+        ("--keep", {"action": "store_true", "help": "keep OUTPUT_DIR/doctor (checkpoint, rollouts)"}),
+        ("--json", {"action": "store_true", "help": "print the checks as JSON instead of the table"}))),
+    "prepare-model": Command(_prepare_model, "convert the embedded SmolLM2-135M GGUF into a cached HF folder", (
+        ("--print-path", {"action": "store_true"}),)),
+}
+
+
+def exit_code(e: BaseException) -> tuple[int, str] | None:
+    """The one mapping from the errors a user can cause to exit codes: 2 for bad input (the message names the key
+    or file), 85 for a preemption after its checkpoint (slurm requeues), 1 for an unusable checkpoint."""
+    from grpo.checkpoint import CheckpointError
+    from grpo.train import PREEMPTED_EXIT, Preempted
+
+    if isinstance(e, ConfigError):
+        return 2, "error: "
+    if isinstance(e, Preempted):
+        return PREEMPTED_EXIT, ""
+    if isinstance(e, CheckpointError):
+        return 1, "error: "
+    return None
+
+
+def configure_logging() -> None:
+    """Rank 0 logs at INFO; the other ranks only warn and err, each line prefixed with its rank (a 16-rank job
+    would otherwise print every line 16 times)."""
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "deepspeed", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a policy with GRPO from a recipe")
-    t.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
-    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.num_generations=16")
-    e = sub.add_parser("eval", help="evaluate a model on a recipe's held-out split (greedy, or pass@k)")
-    e.add_argument("recipe")
-    e.add_argument("model", help="HF model folder, e.g. a run's final/")
-    e.add_argument("overrides", nargs="*")
-    i = sub.add_parser("inspect", help="summarise a run directory: curves, worst/best groups, a prompt's group")
-    i.add_argument("run_dir")
-    i.add_argument("--step", type=int, default=None, help="step to show groups of (default: the last)")
-    i.add_argument("--prompt", default=None, help="show only this prompt id's group")
-    i.add_argument("--top", type=int, default=3, help="how many worst and best groups")
-    c = sub.add_parser("check-rewards", help="score labelled cases with a recipe's rewards, report disagreements")
-    c.add_argument("recipe")
-    c.add_argument("cases", help="JSONL: completion, row columns, expected scores per reward")
-    c.add_argument("overrides", nargs="*")
-    v = sub.add_parser("serve", help="start a vLLM generation server for a recipe's model (server mode)")
-    v.add_argument("recipe")
-    v.add_argument("overrides", nargs="*")
-    v.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
-    v.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
-    v.add_argument("--ready-file", default=None, help="append this server's URL to the file once it is ready")
-    pl = sub.add_parser("plan", help="predict peak memory per GPU for a recipe, and whether it fits")
-    pl.add_argument("recipe")
-    pl.add_argument("overrides", nargs="*")
-    pl.add_argument("--gpus", type=int, default=1, help="GPUs (training ranks) the run uses")
-    pl.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (e.g. 24, 80)")
-    pl.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    pl.add_argument("--json", action="store_true")
-    d = sub.add_parser("doctor", help="exercise every path a recipe uses (devices, collectives, rollout engine "
-                       "and sync, two training steps, memory, checkpoint) in minutes; a table and a verdict")
-    d.add_argument("recipe")
-    d.add_argument("overrides", nargs="*")
-    d.add_argument("--memory", type=float, default=None, help="GiB per device to plan against (default: the "
-                   "device's total on GPU, available RAM per process on CPU)")
-    d.add_argument("--keep", action="store_true", help="keep OUTPUT_DIR/doctor (checkpoint, rollouts)")
-    d.add_argument("--json", action="store_true", help="print the checks as JSON instead of the table")
-    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into a cached HF folder")
-    p.add_argument("--print-path", action="store_true")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help)
+        for arg, kw in cmd.args:
+            p.add_argument(arg, **kw)
     args = parser.parse_args(argv)
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "deepspeed", "DeepSpeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command == "inspect":
-        from grpo.inspect_cli import inspect_run
-
-        return inspect_run(args.run_dir, args.step, args.prompt, args.top)
-    if args.command == "check-rewards":
-        from rewards.check import main as check_main
-
-        try:
-            return check_main(args.recipe, args.cases, args.overrides)
-        except (ConfigError, ValueError, OSError) as e:
-            print(f"grpo check-rewards: error: {e}", file=sys.stderr)
-            return 2
-    if args.command == "serve":
-        try:
-            from grpo.serve import serve
-
-            serve(load_config(args.recipe, args.overrides), args.host, args.port, args.ready_file)
-        except ConfigError as e:
-            print(f"grpo serve: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "plan":
-        from grpo.plan import main as plan_main
-
-        try:
-            return plan_main(args.recipe, args.overrides, args.gpus, args.gpu_memory, args.device, args.json)
-        except ConfigError as e:
-            print(f"grpo plan: error: {e}", file=sys.stderr)
-            return 2
-    if args.command == "doctor":
-        from grpo.doctor import doctor
-
-        try:
-            return doctor(args.recipe, args.overrides, args.memory, args.keep, args.json)
-        except ConfigError as e:
-            print(f"grpo doctor: error: {e}", file=sys.stderr)
-            return 2
-    if args.command == "prepare-model":
-        from grpo.model import embedded_model_dir
-
-        print(embedded_model_dir())
-        return 0
-    from grpo.checkpoint import CheckpointError
-    from grpo.train import PREEMPTED_EXIT, Preempted
-
-    if args.command == "eval":
-        try:
-            cfg = load_config(args.recipe, [f"model.path={args.model}", *args.overrides])
-            from grpo.train import evaluate_only
-
-            ev = evaluate_only(cfg)
-        except ConfigError as e:
-            print(f"grpo: error: {e}", file=sys.stderr)
-            return 2
-        print(" ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-        return 0
     try:
-        cfg = load_config(args.recipe, args.overrides)
-        from grpo.train import train
-
-        run_dir = train(cfg)
-    except ConfigError as e:
-        print(f"grpo: error: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:
-        print(f"grpo: {e}", file=sys.stderr)
-        return PREEMPTED_EXIT
-    except CheckpointError as e:
-        print(f"grpo: error: {e}", file=sys.stderr)
-        return 1
-    print(f"run directory: {run_dir}")
-    return 0
+        return COMMANDS[args.command].run(args)
+    except Exception as e:
+        known = exit_code(e)
+        if known is None:
+            raise
+        print(f"grpo {args.command}: {known[1]}{e}", file=sys.stderr)
+        return known[0]

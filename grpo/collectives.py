@@ -9,6 +9,7 @@ after it. `tests/test_collectives.py` checks that no other module calls a `torch
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
@@ -36,6 +37,25 @@ def all_sum(values: list[float]) -> list[float]:
 def all_max(values: list[float]) -> list[float]:
     """Element-wise maximum over the ranks."""
     return _reduce(values, dist.ReduceOp.MAX)
+
+
+def sum_named(values: dict[str, float]) -> dict[str, float]:
+    """Named statistics summed over the ranks, so no caller indexes a positional vector (`summed[5]`).
+
+    The keys travel sorted with a CRC of their names appended: a rank holding other keys (a reward name built
+    from data instead of the recipe) raises here instead of silently adding one statistic to another."""
+    keys = sorted(values)
+    tag = float(zlib.crc32("\0".join(keys).encode()))
+    *sums, tags = all_sum([float(values[k]) for k in keys] + [tag])
+    if tags != tag * dist.get_world_size():
+        raise RuntimeError(f"ranks reduce different statistics (this rank: {', '.join(keys)})")
+    return dict(zip(keys, sums, strict=True))
+
+
+def max_named(values: dict[str, float]) -> dict[str, float]:
+    """Named statistics, the maximum over the ranks (same keys on every rank)."""
+    keys = sorted(values)
+    return dict(zip(keys, all_max([float(values[k]) for k in keys]), strict=True))
 
 
 def any_rank(flag: bool) -> bool:

@@ -175,17 +175,6 @@ def sandbox_check(cfg: Config) -> Check:
     return Check("sandbox", PASS, figures)
 
 
-def weights_checksum(model, zero3: bool) -> tuple[float, float]:
-    """float64 (sum, sum of squares) of the full weights (gathered bucket by bucket under ZeRO-3; collective)."""
-    from grpo.vllm_engine import checksum, weight_buckets
-
-    s = q = 0.0
-    for bucket in weight_buckets(model, 256 * 2**20, zero3):
-        a, b = checksum(t for _, t in bucket)
-        s, q = s + a, q + b
-    return s, q
-
-
 def _du(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / GIB
 
@@ -195,6 +184,7 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
     from grpo import collectives as coll
     from grpo.engine import pick_device
     from grpo.vllm_engine import SyncError, canary_tolerance
+    from grpo.weights import checksums_match, model_checksum
 
     device = pick_device(cfg.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -206,25 +196,27 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
         return
 
     from grpo.data import PromptSampler
-    from grpo.train import checkpoint_meta, peak_memory_gib, run_step, setup
+    from grpo.state import setup
+    from grpo.tracking import peak_memory_gib
+    from grpo.train import checkpoint_meta, run_step
 
     t0 = time.perf_counter()
     try:
-        st = setup(cfg)
+        run = setup(cfg)
     except ConfigError as e:
         report.add("set-up", FAIL, str(e), "the message names the key or file to change")
         return
     try:
-        engine, rank = st["engine"], st["rank"]
+        engine, rank = run.engine, run.rank
         zero3 = engine.zero_optimization_stage() == 3
         params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         report.add("set-up", PASS, f"{time.perf_counter() - t0:.1f} s: {params / 1e6:.1f}M parameters in "
-                   f"{cfg.model.dtype}, DeepSpeed ZeRO-{engine.zero_optimization_stage()} on {st['world']} rank(s), "
-                   f"rollout engine {cfg.rollout.engine}, {len(st['prompts'].rows)} training prompts")
+                   f"{cfg.model.dtype}, DeepSpeed ZeRO-{engine.zero_optimization_stage()} on {run.world} rank(s), "
+                   f"rollout engine {cfg.rollout.engine}, {len(run.prompts.rows)} training prompts")
 
         nbytes = (256 if device == "cuda" else 16) * 2**20
         seconds, ok = coll.timed_all_reduce(nbytes)
-        n = st["world"]
+        n = run.world
         bus = 2 * (n - 1) / n * nbytes / seconds / 1e9 if n > 1 else 0.0
         fig = (f"all-reduce of {nbytes // 2**20} MiB over {n} rank(s) on {coll.backend_device().type}: "
                f"{seconds * 1e3:.1f} ms" + (f", bus bandwidth {bus:.1f} GB/s" if n > 1 else ""))
@@ -238,7 +230,7 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
         else:
             t0 = time.perf_counter()
             try:
-                m = st["rollout"].sync(engine.module)
+                m = run.rollout.sync(engine.module)
             except SyncError as e:
                 report.add("first sync", FAIL, str(e), "the rollout engine does not hold the trainer's weights: "
                            "report this table (rollout.vllm.canary=warn goes on regardless)")
@@ -248,16 +240,16 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
                        f"{m['sync/canary_max_abs']:.2g})")
 
         run_dir = Path(cfg.output_dir)
-        sampler = PromptSampler(len(st["prompts"].rows), cfg.seed)
+        sampler = PromptSampler(len(run.prompts.rows), cfg.seed)
         recs, sums, save_s, saved = [], [], 0.0, None
         try:
             for step in (1, 2):
-                recs.append(run_step(cfg, st, sampler, step, run_dir))
-                sums.append(weights_checksum(engine.module, zero3))
+                recs.append(run_step(cfg, run, sampler, step, run_dir))
+                sums.append(model_checksum(engine.module, zero3))
                 if step == 1:
                     t0 = time.perf_counter()
                     saved = ckpt.save(engine, run_dir / "checkpoints", 1,
-                                      checkpoint_meta(cfg, st, sampler, 1, None), rank, 2)
+                                      checkpoint_meta(cfg, run, sampler, 1, None), rank, 2)
                     save_s = time.perf_counter() - t0
         except SyncError as e:
             report.add("training steps", FAIL, str(e), "the rollout engine lost the trainer's weights after an "
@@ -269,12 +261,12 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
             + (f", sync {r['time/sync']:.1f} s" if "sync/canary_mean_abs" in r else "") for r in recs)
         bad = [f"step {r['step']}: non-finite {k}" for r in recs for k in ("loss/pg", "grad_norm")
                if not math.isfinite(r[k])]
-        if sums[0] == sums[1]:
+        if checksums_match(sums[0], sums[1]):
             bad.append("the weights did not change in step 2")
         report.add("training steps", FAIL if bad else PASS, fig + ("; " + "; ".join(bad) if bad else ""),
                    "lower optim.lr, check the rewards (reward/*/errors) and model.dtype" if bad else "")
 
-        measured = coll.all_max([peak_memory_gib(st["device"])])[0]
+        measured = coll.all_max([peak_memory_gib(run.device)])[0]
         over = measured > MEMORY_SLACK * predicted.peak_gib or measured > budget
         report.add("memory", FAIL if over else PASS,
                    f"measured peak {measured:.2f} GiB per device ({'torch allocator' if device == 'cuda' else 'RSS'})"
@@ -285,22 +277,21 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
 
         t0 = time.perf_counter()
         try:
-            ckpt.load(engine, saved, rank, st["world"])
+            ckpt.load(engine, saved, rank, run.world)
         except Exception as e:  # noqa: BLE001 - DeepSpeed and torch raise many types for unreadable files
             report.add("checkpoint", FAIL, f"step 1 saved in {save_s:.1f} s; loading it failed: "
                        f"{type(e).__name__}: {e}", "check the output_dir's filesystem (space, permissions)")
             return
         load_s = time.perf_counter() - t0
-        back = weights_checksum(engine.module, zero3)
-        ok = back == sums[0]
+        back = model_checksum(engine.module, zero3)
+        ok = checksums_match(back, sums[0])
         size = coll.all_sum([_du(saved) if rank == 0 else 0.0])[0]
         report.add("checkpoint", PASS if ok else FAIL,
                    f"step 1 saved in {save_s:.1f} s ({size:.2f} GiB), loaded in {load_s:.1f} s after step 2: "
                    + ("weights restored exactly" if ok else f"weights differ: sum {back[0]!r} vs {sums[0][0]!r}"),
                    "" if ok else "the checkpoint does not restore the weights: report this table")
     finally:
-        if st["pool"] is not None:
-            st["pool"].close()
+        run.close()
 
 
 def doctor(recipe: str, overrides: list[str], memory_gib: float | None = None, keep: bool = False,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from grpo import collectives as coll
-from grpo.vllm_engine import checksum, checksums_match  # the weight checksum engine syncs are checked with
+from grpo.weights import checksum, checksums_match
 
 
 def state_dict_on_rank0(engine: Any) -> dict[str, torch.Tensor] | None:
@@ -71,7 +71,7 @@ def save_final(engine: Any, tokenizer: Any, out: Path, cfg_dict: dict[str, Any],
     every = replica_checksums(engine)
     state = state_dict_on_rank0(engine)
     error = None  # every rank computes the same verdict on the checksums; rank 0's is the one shared
-    if every is not None and not all(checksums_match(every[0], e, rel=1e-6) for e in every):
+    if every is not None and not all(checksums_match(every[0], e) for e in every):
         error = f"ranks disagree on the final weights: {every}"
     if rank == 0:
         try:

@@ -201,10 +201,7 @@ def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: flo
     body = getattr(model, model.base_model_prefix)
     extra = {}
     if mb.prefix is not None:
-        if not prefix_attention.supports(model):
-            raise ValueError(f"optim.layout=prefix needs model.attn_implementation sdpa or flash_attention_2, not "
-                             f"{model.config._attn_implementation!r}; or set optim.layout=padded")
-        prefix_attention.install()
+        prefix_attention.enable(model)
         extra["prefix_layout"] = mb.prefix
         calls = mb.prefix.calls
     out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,

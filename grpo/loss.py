@@ -87,6 +87,20 @@ def token_weights(mode: str, seq_len: torch.Tensor, global_tokens: int, global_s
 
 
 @dataclass
+class LossInput:
+    """One micro-batch's per-token tensors for `policy_loss` (all flat, one entry per completion token)."""
+
+    logp: torch.Tensor  # the trainer's logprobs, with gradient
+    old_logp: torch.Tensor  # at the weights that sampled (== logp.detach() on the first pass)
+    adv: torch.Tensor  # the sequence's advantage, per token
+    weights: torch.Tensor  # token_weights(): the token's share of the step loss (0 for an unscored sequence)
+    ref_logp: torch.Tensor | None = None  # the frozen reference's, when beta > 0
+    is_weights: torch.Tensor | None = None  # truncated importance weights (engine/trainer mismatch)
+    seq_index: torch.Tensor | None = None  # token -> sequence in the micro-batch (the sequence-level ratio)
+    num_seqs: int = 0
+
+
+@dataclass
 class LossParts:
     loss: torch.Tensor  # scalar: this micro-batch's share of the step loss
     pg_loss: float
@@ -94,31 +108,29 @@ class LossParts:
     clip_frac_num: float  # number of clipped tokens (sum; divide by token count for a fraction)
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, weights: torch.Tensor,
-                clip_low: float, clip_high: float, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
-                is_weights: torch.Tensor | None = None, ratio: str = "token",
-                seq_index: torch.Tensor | None = None, num_seqs: int = 0) -> LossParts:
+def policy_loss(x: LossInput, clip_low: float, clip_high: float, beta: float = 0.0,
+                ratio: str = "token") -> LossParts:
     """sum_t w_t * [is_t * clipped_surrogate_t + beta * k3_t] over the micro-batch's completion tokens.
 
     ratio token: the PPO ratio per token; sequence: GSPO's length-normalised sequence ratio (needs seq_index)."""
     if ratio == "sequence":
-        if seq_index is None:
+        if x.seq_index is None:
             raise ValueError("the sequence-level ratio needs seq_index")
-        log_r = sequence_log_ratio(logp, old_logp, seq_index, num_seqs)
-        pg, was_clipped = clipped_surrogate(log_r, torch.zeros_like(log_r), adv, clip_low, clip_high)
+        log_r = sequence_log_ratio(x.logp, x.old_logp, x.seq_index, x.num_seqs)
+        pg, was_clipped = clipped_surrogate(log_r, torch.zeros_like(log_r), x.adv, clip_low, clip_high)
     elif ratio == "token":
-        pg, was_clipped = clipped_surrogate(logp, old_logp, adv, clip_low, clip_high)
+        pg, was_clipped = clipped_surrogate(x.logp, x.old_logp, x.adv, clip_low, clip_high)
     else:
         raise ValueError(f"unknown ratio level {ratio!r}")
-    if is_weights is not None:
-        pg = pg * is_weights
+    if x.is_weights is not None:
+        pg = pg * x.is_weights
     total = pg
     kl_val = 0.0
     if beta > 0:
-        if ref_logp is None:
+        if x.ref_logp is None:
             raise ValueError("beta > 0 needs reference logprobs")
-        kl = k3_kl(logp, ref_logp)
+        kl = k3_kl(x.logp, x.ref_logp)
         total = total + beta * kl
-        kl_val = float((kl.detach() * weights).sum())
-    loss = (total * weights).sum()
-    return LossParts(loss, float((pg.detach() * weights).sum()), kl_val, float(was_clipped.sum()))
+        kl_val = float((kl.detach() * x.weights).sum())
+    loss = (total * x.weights).sum()
+    return LossParts(loss, float((pg.detach() * x.weights).sum()), kl_val, float(was_clipped.sum()))

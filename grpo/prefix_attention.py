@@ -9,9 +9,10 @@ of its own prompt and causally within itself.
 Why a single forward rather than running the prompt with `use_cache` and fanning its KV cache out: under gradient
 checkpointing transformers keeps no cache, and the recomputation in backward has to see the same structure. Here
 the structure travels as a keyword argument (`prefix_layout=`), which transformers passes from the model's forward
-to every attention call and which its checkpointing keeps for the recomputation. `install()` puts one small
-function in front of transformers' registered attention functions (sdpa, flash, flex): it takes over only when a
-forward carries a `PrefixLayout` and hands every other call (generation, the padded layouts) to the original.
+to every attention call and which its checkpointing keeps for the recomputation. `enable(model)` switches the model
+to a small function registered under its own name in front of the model's attention (sdpa, flash, flex): it takes
+over only when a forward carries a `PrefixLayout` and hands every other call (generation, the padded layouts) to
+the original. Transformers' own entries stay as they are, for every other model in the process.
 
 Inside, the flat queries/keys/values are gathered into two padded batches (padding costs attention only, never the
 linear layers) and run through torch's scaled_dot_product_attention:
@@ -29,9 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 WRAPPED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+PREFIX = "grpo_prefix_"  # the wrapper of `sdpa` is registered as `grpo_prefix_sdpa`, and so on
 
 
 @dataclass
@@ -100,10 +103,13 @@ def build_layout(prompt_lens: list[int], owner: list[int], comp_lens: list[int],
     return layout, pos[None].to(device), pred
 
 
-def _wrap(name: str) -> None:
-    base = ALL_ATTENTION_FUNCTIONS[name]
-    if getattr(base, "grpo_prefix_base", None) is not None:
-        return
+def _register(base_name: str) -> str:
+    """Register the prefix-aware wrapper of `base_name` under its own name (and the base's mask function with it),
+    leaving transformers' own entry untouched for every other model in the process."""
+    name = PREFIX + base_name
+    if name in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        return name
+    base = ALL_ATTENTION_FUNCTIONS[base_name]
 
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any):
@@ -115,17 +121,20 @@ def _wrap(name: str) -> None:
                              "set optim.layout=padded")
         return layout.attend(query, key, value, scaling, dropout if module.training else 0.0), None
 
-    attention.grpo_prefix_base = base
     AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
+    return name
 
 
-def install() -> None:
-    """Idempotent: route transformers' registered attention functions through the prefix-aware wrapper."""
-    for name in WRAPPED:
-        if name in ALL_ATTENTION_FUNCTIONS:
-            _wrap(name)
+def enable(model: torch.nn.Module) -> None:
+    """Idempotent: switch the model to the prefix-aware wrapper of its attention (`sdpa` -> `grpo_prefix_sdpa`).
+    The name keeps the base's as a suffix, because transformers recognises flash attention by the substring. The
+    switch is for the model's lifetime: a gradient-checkpointing recomputation must see the same function."""
+    impl = model.config._attn_implementation
+    if impl.startswith(PREFIX):
+        return
+    if impl not in WRAPPED:
+        raise ValueError(f"optim.layout=prefix needs model.attn_implementation sdpa or flash_attention_2, not "
+                         f"{impl!r}; or set optim.layout=padded")
+    model.set_attn_implementation(_register(impl))
 
-
-def supports(model: torch.nn.Module) -> bool:
-    """Whether the model's attention goes through a function `install()` wraps (not, e.g., `eager`)."""
-    return getattr(model.config, "_attn_implementation", None) in WRAPPED

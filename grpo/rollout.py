@@ -36,7 +36,6 @@ class Completion:
     text: str  # decoded without special tokens
     logprobs: list[float]  # engine's sampling logprob of each token (after temperature/top-p)
     finish_reason: str  # "stop" | "length"
-    trainer_logprob_mean: float = float("nan")  # filled in by the update, for the records
 
 
 class RolloutEngine(Protocol):

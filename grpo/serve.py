@@ -32,24 +32,21 @@ import torch.distributed as dist
 
 from grpo import collectives as coll
 from grpo.config import Config
+from grpo.model import DTYPES
 from grpo.rollout import Completion, SamplingParams
 from grpo.vllm_engine import (
     SyncCheck,
     SyncError,
     canary_diff,
-    checksum,
     completions,
     finish_sync,
     judge,
     load_weights,
     trainer_probe_logprobs,
-    weight_buckets,
 )
+from grpo.weights import checksum, weight_buckets
 
 log = logging.getLogger("grpo")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class ServerError(RuntimeError):
     """A generation server did not answer, or answered with an error; the message names it."""
@@ -308,7 +305,6 @@ class ServerEngine:
         self.stop_ids, self.probe = stop_ids, probe
         self.timeout = v.timeout
         self.zero3 = cfg.deepspeed.zero_stage == 3
-        self.corrupt_hook = None  # tests: applied to each bucket before it is sent
         for url in self.urls:
             post(url, "/health", {}, min(self.timeout, 30.0))
         self.group = None
@@ -359,8 +355,6 @@ class ServerEngine:
             s, q = checksum(t for _, t in bucket)
             sent[0] += s
             sent[1] += q
-            if self.corrupt_hook is not None:
-                bucket = self.corrupt_hook(bucket)
             try:
                 self._send(bucket)
             except (ServerError, RuntimeError) as e:  # a server died mid-sync: report it once every rank is here

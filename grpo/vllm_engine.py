@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 from grpo.config import Config, ConfigError
 from grpo.model import hub_kwargs
 from grpo.rollout import Completion, SamplingParams
+from grpo.weights import checksum, checksums_match, weight_buckets
 
 log = logging.getLogger("grpo")
 
@@ -175,54 +175,6 @@ def probe_logprobs_vllm(llm, ids: list[int]) -> list[float]:
     return [float(step[t].logprob) for step, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
 
 
-# ---------------------------------------------------------------------------------------------- weights
-
-def weight_buckets(model: torch.nn.Module, bucket_bytes: int, zero3: bool
-                   ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The trainer's parameters under their HF names, in buckets of about `bucket_bytes`. Under ZeRO-3 each bucket
-    is gathered on entry and released after the consumer is done with it (every rank must iterate: gathering is
-    collective)."""
-    params = [(n, p) for n, p in model.named_parameters()]
-    bucket: list[tuple[str, torch.nn.Parameter]] = []
-    size = 0
-
-    def emit(b):
-        if zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p for _, p in b]):
-                yield [(n, p.detach()) for n, p in b]
-        else:
-            yield [(n, p.detach()) for n, p in b]
-
-    for name, p in params:
-        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        bucket.append((name, p))
-        size += numel * p.element_size()
-        if size >= bucket_bytes:
-            yield from emit(bucket)
-            bucket, size = [], 0
-    if bucket:
-        yield from emit(bucket)
-
-
-def checksum(tensors, slice_numel: int = 1 << 24) -> tuple[float, float]:
-    """(sum, sum of squares) in float64, over slices of at most `slice_numel` values: a float64 copy of a whole
-    7B embedding would be 4 GiB of temporaries on a server GPU that is already full."""
-    s = q = 0.0
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        for i in range(0, flat.numel(), slice_numel):
-            x = flat[i : i + slice_numel].double()
-            s += float(x.sum())
-            q += float((x * x).sum())
-    return s, q
-
-
-def checksums_match(a: tuple[float, float], b: tuple[float, float], rel: float = 1e-9) -> bool:
-    return all(abs(x - y) <= rel * (1.0 + abs(x)) for x, y in zip(a, b, strict=True))
-
-
 @torch.no_grad()
 def trainer_probe_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
     """The trainer's logprob of each probe token given the ones before it (temperature 1)."""
@@ -313,7 +265,6 @@ class VLLMEngine:
         self.llm = build_llm(llm_kwargs(cfg, model_path, device, cfg.seed + rank, True, model_limit))
         self.can_sleep = device != "cpu" and cfg.rollout.vllm.sleep
         self.asleep = self.discarded = False
-        self.corrupt_hook = None  # tests: a function applied to each bucket before it is loaded
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         if self.discarded:
@@ -351,8 +302,6 @@ class VLLMEngine:
             s, q = checksum(t for _, t in bucket)
             sent[0] += s
             sent[1] += q
-            if self.corrupt_hook is not None:
-                bucket = self.corrupt_hook(bucket)
             load_weights(self.llm, bucket)
         self._wake(["kv_cache"] if self.asleep else None)
         self.asleep = self.discarded = False

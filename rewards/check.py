@@ -70,11 +70,14 @@ def main(recipe: str, cases_path: str, overrides: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from grpo.config import load_config
+    from grpo.config import ConfigError, load_config
 
     cfg = load_config(recipe, overrides)
-    cases = load_cases(Path(cases_path))
-    bad = check(cfg.rewards, cases, cfg.scoring.workers, cfg.scoring.memory_mb)
+    try:
+        cases = load_cases(Path(cases_path))
+        bad = check(cfg.rewards, cases, cfg.scoring.workers, cfg.scoring.memory_mb)
+    except (ValueError, OSError) as e:  # a bad cases file (the message names file and line) or reward
+        raise ConfigError(str(e)) from None
     console = Console()
     checked = sum(len(c["expected"]) for c in cases)
     if not bad:

@@ -5,13 +5,16 @@ every GPU run ("No backend type associated with device type cpu")."""
 from __future__ import annotations
 
 import re
+import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from grpo import collectives as coll
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.unit
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                "broadcast_object_list", "barrier", "reduce", "reduce_scatter", "gather", "gather_object", "scatter",
@@ -63,3 +66,22 @@ def test_collectives_over_a_real_group(gloo_group, monkeypatch):
     assert coll.broadcast_object(("x", 2)) == ("x", 2)
     coll.barrier()
     assert len(seen) == 6
+
+
+def test_sum_named_pairs_names_and_refuses_other_keys(gloo_group, monkeypatch):
+    assert coll.sum_named({"b": 2.0, "a": 1.0}) == {"a": 1.0, "b": 2.0}
+    # a second rank, faked: its vector (sorted values, then the CRC of its names) is added to ours
+    real = coll.all_sum
+
+    def two_ranks(other: dict[str, float]):
+        def reduce(values):
+            theirs = [other[k] for k in sorted(other)] + [float(zlib.crc32("\0".join(sorted(other)).encode()))]
+            return [a + b for a, b in zip(real(values), theirs, strict=True)]
+        return reduce
+
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(coll, "all_sum", two_ranks({"a": 10.0, "b": 20.0}))
+    assert coll.sum_named({"a": 1.0, "b": 2.0}) == {"a": 11.0, "b": 22.0}
+    monkeypatch.setattr(coll, "all_sum", two_ranks({"a": 10.0, "c": 20.0}))  # same length, another name
+    with pytest.raises(RuntimeError, match="different statistics"):
+        coll.sum_named({"a": 1.0, "b": 2.0})

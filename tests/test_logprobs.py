@@ -6,6 +6,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs, head_logprobs, reference_logprobs
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -210,3 +212,17 @@ def test_head_with_bias_against_autograd_of_full_logits(frozen):
 def test_head_that_is_not_linear_is_refused():
     with pytest.raises(TypeError, match="not a torch.nn.Linear"):
         head_logprobs(torch.nn.Embedding(5, 4), torch.randn(2, 4), torch.tensor([0, 1]))
+
+
+def test_prefix_attention_has_its_own_name(model, tmp_path):
+    """The prefix layout switches its model to `grpo_prefix_sdpa`; transformers' `sdpa` entry and other models stay
+    as they were, and a saved model does not carry the name (a plain transformers load must not need us)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    other = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "_attn_implementation": "sdpa"}))
+    completion_logprobs(model, build_micro_batch(groups(), 0, "prefix"), 1.0)
+    assert model.config._attn_implementation == "grpo_prefix_sdpa"
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa and other.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    assert "grpo_prefix" not in (tmp_path / "config.json").read_text()

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from grpo.loss import clipped_surrogate, k3_kl, policy_loss, token_weights, truncated_is_weights
+from grpo.loss import LossInput, clipped_surrogate, k3_kl, policy_loss, token_weights, truncated_is_weights
+
+pytestmark = pytest.mark.unit
 
 
 def test_clipped_surrogate_by_hand():
@@ -81,7 +83,7 @@ def test_gradient_matches_independent_reference(mode, beta):
 
     logp = torch.log_softmax(logits, -1)[torch.arange(T), targets]
     w = token_weights(mode, seq_len, T, len(seqs), 6)
-    ours = policy_loss(logp, old, adv[seq_index], w, 0.2, 0.28, beta, ref).loss
+    ours = policy_loss(LossInput(logp, old, adv[seq_index], w, ref), 0.2, 0.28, beta).loss
     (g_ours,) = torch.autograd.grad(ours, logits)
 
     logits64 = logits.detach().double().requires_grad_(True)
@@ -125,7 +127,7 @@ def test_gspo_sequence_ratio_value_clipping_and_gradient():
     assert torch.allclose(log_r.detach(), torch.tensor([0.2, 0.2, 0.0]))
     adv = torch.tensor([1.0, 1.0, -1.0])
     w = torch.tensor([0.25, 0.25, 0.5])  # sequence aggregation: 1/(len * n_seqs)
-    parts = policy_loss(logp, old, adv, w, 0.1, 0.3, ratio="sequence", seq_index=seq, num_seqs=2)
+    parts = policy_loss(LossInput(logp, old, adv, w, seq_index=seq, num_seqs=2), 0.1, 0.3, ratio="sequence")
     # seq 0 ratio e^0.2 = 1.2214 < 1.3: unclipped; loss = -(0.25 + 0.25) * 1.2214 - 0.5 * (-1) * 1
     r0 = math.exp(0.2)
     assert math.isclose(parts.loss.item(), -0.5 * r0 + 0.5, rel_tol=1e-6)
@@ -134,6 +136,6 @@ def test_gspo_sequence_ratio_value_clipping_and_gradient():
     assert torch.allclose(logp.grad, torch.tensor([-0.25 * r0, -0.25 * r0, 0.5]), atol=1e-6)
     # past the clip range the whole sequence is clipped: no gradient from any of its tokens
     logp2 = torch.tensor([-0.5, -1.5, -0.5], requires_grad=True)  # seq 0 mean diff 0.5: e^0.5 > 1.3
-    p2 = policy_loss(logp2, old, adv, w, 0.1, 0.3, ratio="sequence", seq_index=seq, num_seqs=2)
+    p2 = policy_loss(LossInput(logp2, old, adv, w, seq_index=seq, num_seqs=2), 0.1, 0.3, ratio="sequence")
     p2.loss.backward()
     assert torch.equal(logp2.grad[:2], torch.zeros(2)) and p2.clip_frac_num == 2.0

@@ -7,10 +7,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from grpo.config import load_config
 from grpo.engine import ds_config
 from grpo.plan import plan
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration
 
 SCRIPT = r"""
 import os, sys
@@ -55,15 +59,15 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys
                   LOCAL_RANK="0")
 import torch
 from grpo.engine import init_distributed
-from grpo.train import stage0_grad_norm
+from grpo.update import stage0_grad_norm
 init_distributed("cpu")
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 lin = torch.nn.Linear(3, 2).half()
 opt = FP16_UnfusedOptimizer(torch.optim.AdamW(lin.parameters()), static_loss_scale=1024.0, clip_grad=1e9)
 for p in lin.parameters():
     p.grad = torch.full_like(p, 0.5 * 1024)  # what backward leaves under a loss scale of 1024
-engine = types.SimpleNamespace(optimizer=opt, fp16_enabled=lambda: True)
-ours = stage0_grad_norm(engine, lin)
+engine = types.SimpleNamespace(optimizer=opt, fp16_enabled=lambda: True, module=lin)
+ours = stage0_grad_norm(engine)
 opt.step()
 print("NORMS", ours, opt._global_grad_norm)
 """

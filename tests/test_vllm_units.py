@@ -1,15 +1,22 @@
 """Units of the vLLM engines that need no vLLM: the server merges concurrent generation requests into one engine
 call (with W training ranks it used to run W small calls one after another behind its lock; the engine here is a
-recorder, tests/test_vllm.py runs the real server with two training ranks), and the colocated engine hands CUDA's
-cached memory back before vLLM wakes."""
+recorder, tests/test_vllm.py runs the real server with two training ranks), the colocated engine hands CUDA's
+cached memory back before vLLM wakes, the sync's checksums, and the client's deadline on a server that never
+answers."""
 
 from __future__ import annotations
 
+import math
+import socket
 import threading
+import time
 
 import pytest
+import torch
 
 from grpo.serve import RequestMerger
+
+pytestmark = pytest.mark.unit
 
 
 def test_concurrent_requests_become_one_engine_call():
@@ -113,7 +120,36 @@ def test_colocated_engine_discards_weights_in_release_and_refuses_to_generate_be
     from grpo.config import load_config
 
     eng.cfg = load_config(None, ["rewards=[{name: accuracy}]"])
-    eng.zero3, eng.probe, eng.corrupt_hook = False, [1, 2], None
+    eng.zero3, eng.probe = False, [1, 2]
     eng.sync(None)
     assert calls == [("sleep", 2), ("wake_up", ["weights"]), ("load", 1), ("wake_up", ["kv_cache"])]
     assert not eng.asleep and not eng.discarded
+
+
+def test_server_that_stops_answering_mid_request(tmp_path):
+    """A server that accepts the connection and never replies: the client's deadline turns it into an error."""
+    from grpo.serve import ServerError, post
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(ServerError, match=f"vLLM server {url} did not answer /generate within 2 s"):
+            post(url, "/generate", {}, 2.0)
+        assert time.monotonic() - t0 < 10
+
+
+def test_checksums_compare_what_they_should():
+    from grpo.weights import checksum, checksums_match
+
+    a = [torch.tensor([1.0, -2.0]), torch.tensor([[3.0]])]
+    assert checksum(a) == (2.0, 14.0)  # 1 - 2 + 3; 1 + 4 + 9
+    fused = [torch.tensor([1.0, -2.0, 3.0])]  # vLLM fuses q/k/v and gate/up: the sums are unchanged
+    assert checksums_match(checksum(a), checksum(fused))
+    assert not checksums_match(checksum(a), checksum([torch.tensor([1.0, -2.0, 3.001])]))
+    assert not math.isnan(checksum([])[0])
+    # summed in slices (no whole-tensor float64 copy): the same figures as the whole-tensor sum
+    big = [torch.randn(1000, 37), torch.randn(5)]
+    whole = (sum(float(t.double().sum()) for t in big), sum(float((t.double() ** 2).sum()) for t in big))
+    assert checksums_match(checksum(big, slice_numel=999), whole, rel=1e-12)

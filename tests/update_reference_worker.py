@@ -1,4 +1,4 @@
-"""Worker for tests/test_update_reference.py (run by torchrun, 1 or 2 ranks, any ZeRO stage): `grpo.train.update`
+"""Worker for tests/test_update_reference.py (run by torchrun, 1 or 2 ranks, any ZeRO stage): `grpo.update.update`
 on hand-built groups against an independent float64 reference of the objective's gradient.
 
 Four prompts x three completions of 1 to 9 tokens (one completion with a NaN total, one group with zero advantage),
@@ -28,8 +28,10 @@ from grpo.engine import build_policy_engine, build_reference, init_distributed  
 from grpo.logprobs import Sequence, reference_logprobs  # noqa: E402
 from grpo.model import load_model, load_tokenizer  # noqa: E402
 from grpo.rollout import Completion  # noqa: E402
-from grpo.train import Group, Timer, update  # noqa: E402
-from grpo.vllm_engine import weight_buckets  # noqa: E402
+from grpo.scoring import Group  # noqa: E402
+from grpo.tracking import Timer  # noqa: E402
+from grpo.update import Learner, update  # noqa: E402
+from grpo.weights import weight_buckets  # noqa: E402
 
 TEMP, CAP, BETA, MAX_NEW = 0.8, 1.2, 0.1, 9
 MICRO = int(os.environ.get("GRPO_TEST_MICRO", "3"))
@@ -116,15 +118,15 @@ def main(model_dir: str, recipe: str, stage: int, out: str) -> None:
             shape = cfg.check_batch(world)
             engine = build_policy_engine(load_model(model_dir, "float32"), cfg, MICRO, shape.grad_accum)
             ref = build_reference(perturbed(model_dir), cfg, MICRO, shape.grad_accum) if beta > 0 else None
-            st = {"engine": engine, "world": world, "shape": shape, "tok": tok, "ref": ref, "device": "cpu"}
-            got = update(cfg, st, mine, Timer())["grad_norm"]
+            learner = Learner(engine, ref, shape, tok.pad_token_id)
+            got = update(cfg, learner, mine, Timer()).metrics["grad_norm"]
             if rank == 0:
                 results[f"{agg}/{variant}"] = [got, reference_norm(model_dir, truth, agg, beta, variant == "tis")]
             # a second step on the same groups from the weights the first step left: no state of the first
             # step's accumulation may leak into it
             weights = {n: t.detach().clone() for b in weight_buckets(engine.module, 1 << 30, stage == 3)
                        for n, t in b}
-            got = update(cfg, st, mine, Timer())["grad_norm"]
+            got = update(cfg, learner, mine, Timer()).metrics["grad_norm"]
             if rank == 0:
                 results[f"{agg}/{variant}/step2"] = [got, reference_norm(model_dir, truth, agg, beta,
                                                                          variant == "tis", weights)]
