@@ -117,11 +117,11 @@ COMMANDS = {
 def exit_code(e: BaseException) -> tuple[int, str] | None:
     """The one mapping from the errors a user can cause to exit codes: 2 for bad input (the message names the key
     or file), 85 for a preemption after its checkpoint (slurm requeues), 1 for an unusable checkpoint."""
-    from grpo.checkpoint import CheckpointError
-    from grpo.train import PREEMPTED_EXIT, Preempted
-
     if isinstance(e, ConfigError):
         return 2, "error: "
+    from grpo.checkpoint import CheckpointError  # only train and eval raise these: imported once one is raised
+    from grpo.train import PREEMPTED_EXIT, Preempted
+
     if isinstance(e, Preempted):
         return PREEMPTED_EXIT, ""
     if isinstance(e, CheckpointError):

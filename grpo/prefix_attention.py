@@ -9,10 +9,10 @@ of its own prompt and causally within itself.
 Why a single forward rather than running the prompt with `use_cache` and fanning its KV cache out: under gradient
 checkpointing transformers keeps no cache, and the recomputation in backward has to see the same structure. Here
 the structure travels as a keyword argument (`prefix_layout=`), which transformers passes from the model's forward
-to every attention call and which its checkpointing keeps for the recomputation. `enable(model)` switches the model
-to a small function registered under its own name in front of the model's attention (sdpa, flash, flex): it takes
-over only when a forward carries a `PrefixLayout` and hands every other call (generation, the padded layouts) to
-the original. Transformers' own entries stay as they are, for every other model in the process.
+to every attention call and which its checkpointing keeps for the recomputation. `enable(model)` puts a small
+function in front of the model's attention (sdpa under its own name, `grpo_prefix_sdpa`; flash and flex in place,
+see `enable`): it takes over only when a forward carries a `PrefixLayout` and hands every other call (generation,
+the padded layouts) to the original.
 
 Inside, the flat queries/keys/values are gathered into two padded batches (padding costs attention only, never the
 linear layers) and run through torch's scaled_dot_product_attention:
@@ -34,7 +34,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 WRAPPED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-PREFIX = "grpo_prefix_"  # the wrapper of `sdpa` is registered as `grpo_prefix_sdpa`, and so on
+PREFIX = "grpo_prefix_"  # the wrapper of `sdpa` is registered as `grpo_prefix_sdpa`
 
 
 @dataclass
@@ -103,14 +103,7 @@ def build_layout(prompt_lens: list[int], owner: list[int], comp_lens: list[int],
     return layout, pos[None].to(device), pred
 
 
-def _register(base_name: str) -> str:
-    """Register the prefix-aware wrapper of `base_name` under its own name (and the base's mask function with it),
-    leaving transformers' own entry untouched for every other model in the process."""
-    name = PREFIX + base_name
-    if name in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        return name
-    base = ALL_ATTENTION_FUNCTIONS[base_name]
-
+def _wrapper(base: Any):
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any):
         layout = kwargs.pop("prefix_layout", None)
@@ -121,20 +114,33 @@ def _register(base_name: str) -> str:
                              "set optim.layout=padded")
         return layout.attend(query, key, value, scaling, dropout if module.training else 0.0), None
 
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
-    return name
+    attention.grpo_prefix_base = base
+    return attention
 
 
 def enable(model: torch.nn.Module) -> None:
-    """Idempotent: switch the model to the prefix-aware wrapper of its attention (`sdpa` -> `grpo_prefix_sdpa`).
-    The name keeps the base's as a suffix, because transformers recognises flash attention by the substring. The
-    switch is for the model's lifetime: a gradient-checkpointing recomputation must see the same function."""
+    """Idempotent: route the model's attention through the prefix-aware wrapper, for the model's lifetime (a
+    gradient-checkpointing recomputation must see the same function).
+
+    sdpa: the wrapper is registered under its own name, `grpo_prefix_sdpa` (with sdpa's mask function), and the
+    model is switched to it; transformers' `sdpa` entry stays as it is for every other model in the process.
+    flash / flex: transformers recognises these by name and their functions read the model's configured name back
+    (flash's lazy kernel import does), so a renamed entry cannot hand calls on to them: there the wrapper replaces
+    transformers' own entry, in front of the original, which it calls for every forward without a layout."""
     impl = model.config._attn_implementation
-    if impl.startswith(PREFIX):
+    if impl.startswith(PREFIX) or getattr(ALL_ATTENTION_FUNCTIONS.get(impl), "grpo_prefix_base", None) is not None:
         return
     if impl not in WRAPPED:
         raise ValueError(f"optim.layout=prefix needs model.attn_implementation sdpa or flash_attention_2, not "
                          f"{impl!r}; or set optim.layout=padded")
-    model.set_attn_implementation(_register(impl))
-
+    if impl != "sdpa":
+        AttentionInterface.register(impl, _wrapper(ALL_ATTENTION_FUNCTIONS[impl]))
+        return
+    name = PREFIX + impl
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(name, _wrapper(ALL_ATTENTION_FUNCTIONS[impl]))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:  # transformers only warns when a model cannot switch
+        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation, so "
+                         "optim.layout=prefix cannot shape it; set optim.layout=padded")

@@ -1,7 +1,7 @@
 """Rollouts for one step: sample G completions per prompt, score them, then group-relative advantages.
 
-Scoring and advantages are separate steps: evaluation scores without advantages, and `collect` computes them
-only for the groups it keeps. Each phase returns what it produced (groups, rounds, error counts).
+Scoring and advantages are separate steps: evaluation scores without advantages. Each phase returns what it
+produced (groups, rounds, error counts).
 """
 
 from __future__ import annotations

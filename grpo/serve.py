@@ -1,13 +1,16 @@
-"""Server mode: vLLM generation servers on other GPUs or nodes, and the trainer's client for them.
+"""Server mode: `vllm serve` processes on other GPUs or nodes, and the trainer's client for them.
 
     grpo serve RECIPE [overrides] --port 8000        # one per GPU / node (slurm/multinode.slurm starts them)
     grpo train RECIPE rollout.engine=vllm_server rollout.vllm.servers=[http://node7:8000,http://node8:8000]
 
-HTTP (JSON) carries the small things: prompts and completions, health, sync control. Weights travel over a
-torch.distributed process group the trainer's rank 0 and every server join at start-up (NCCL between GPUs, gloo on
-CPU, so CI runs the same code): the trainer broadcasts each bucket as one flat tensor per dtype, the servers load it
-into vLLM. The process group is built from a TCPStore on the trainer, outside the trainer's own default group,
-so training ranks and servers never have to agree on a world.
+The servers are plain `vllm serve` processes (`grpo serve` only fills in the model, ports and settings from the
+recipe): generation goes to their OpenAI-compatible /v1/completions (token ids in, token ids and sampled logprobs
+out), so eval harnesses and chat clients can use the same servers. Weights go through vLLM's RL endpoints and
+weight-transfer API, with our `grpo_broadcast` backend (grpo/vllm_plugin.py) underneath: a torch.distributed
+group of the trainer's rank 0 and every server (NCCL between GPUs, gloo on CPU, so CI runs the same path), built
+from a TCPStore on the trainer, outside the trainer's own default group. After each sync every server's weights
+are checksummed (through vLLM's /collective_rpc into our worker extension) and its logprobs of a fixed probe
+compared with the trainer's.
 
 Every wait has a deadline (`rollout.vllm.timeout`): a dead or wedged server is an error that names it, not a hang.
 """
@@ -16,15 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
@@ -32,21 +37,12 @@ import torch.distributed as dist
 
 from grpo import collectives as coll
 from grpo.config import Config
-from grpo.model import DTYPES
 from grpo.rollout import Completion, SamplingParams
-from grpo.vllm_engine import (
-    SyncCheck,
-    SyncError,
-    canary_diff,
-    completions,
-    finish_sync,
-    judge,
-    load_weights,
-    trainer_probe_logprobs,
-)
+from grpo.vllm_engine import SyncCheck, SyncError, canary_diff, completions, judge, trainer_probe_logprobs
 from grpo.weights import checksum, weight_buckets
 
 log = logging.getLogger("grpo")
+
 
 class ServerError(RuntimeError):
     """A generation server did not answer, or answered with an error; the message names it."""
@@ -71,205 +67,89 @@ def flat_buckets(tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, lis
     return list(by.items())
 
 
-# ---------------------------------------------------------------------------------------------- server
+# ---------------------------------------------------------------------------------------------- launcher
 
-class RequestMerger:
-    """Generation requests that arrive together run as one engine call.
+def vllm_serve_command(cfg: Config, model_path: str, device: str, host: str, port: int,
+                       model_limit: int | None) -> tuple[list[str], dict[str, str]]:
+    """The `vllm serve` command line and environment for a recipe: the same engine settings as the colocated
+    engine (grpo.vllm_engine.llm_kwargs), our weight-transfer backend, and vLLM's RL endpoints switched on."""
+    from grpo.vllm_engine import llm_kwargs
 
-    With W training ranks a server gets W requests per step (each rank's share of whole groups). Run one at a time
-    behind the engine lock, vLLM would see a 1/W batch each time and the server would idle between them. Here the
-    first request waits until the `expect` requests of its step are in (each says how many ranks send one), or at
-    most `max_wait` seconds, then all of them go to the engine in one call, each prompt with its own sampling
-    parameters, and every caller gets its own results back."""
-
-    def __init__(self, run, max_wait: float = 1.0):
-        self.run = run  # (prompts, per-prompt sampling params) -> per-prompt outputs
-        self.max_wait = max_wait
-        self.cond = threading.Condition()
-        self.pending: list[dict[str, Any]] = []
-        self.leader_busy = False
-
-    def submit(self, prompts: list[Any], params: list[Any], expect: int = 1) -> list[Any]:
-        me = {"prompts": prompts, "params": params, "done": False, "out": None, "error": None}
-        with self.cond:
-            self.pending.append(me)
-            self.cond.notify_all()  # a leader may be waiting for this one
-            if self.leader_busy:  # a leader is collecting or running: it takes this request, or the next one will
-                while not me["done"] and self.leader_busy:
-                    self.cond.wait()
-                if me["done"]:
-                    return self._result(me)
-            self.leader_busy = True
-        batch: list[dict[str, Any]] = []
-        try:
-            deadline = time.monotonic() + self.max_wait
-            with self.cond:  # the other ranks' requests of this step
-                while len(self.pending) < expect and time.monotonic() < deadline:
-                    self.cond.wait(deadline - time.monotonic())
-                batch, self.pending = self.pending, []
-            try:
-                outs = self.run([p for r in batch for p in r["prompts"]], [s for r in batch for s in r["params"]])
-                at = 0
-                for r in batch:
-                    r["out"], at = outs[at : at + len(r["prompts"])], at + len(r["prompts"])
-            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
-                for r in batch:
-                    r["error"] = e
-        finally:
-            with self.cond:
-                for r in batch:
-                    r["done"] = True
-                self.leader_busy = False
-                self.cond.notify_all()
-        return self._result(me)
-
-    @staticmethod
-    def _result(r: dict[str, Any]) -> list[Any]:
-        if r["error"] is not None:
-            raise r["error"]
-        return r["out"]
-
-
-class GenerationServer:
-    """vLLM behind a small HTTP API. One lock serialises the engine (generate, weight loading, probes);
-    concurrent generation requests are merged into one engine call (RequestMerger)."""
-
-    def __init__(self, cfg: Config, model_path: str, device: str, model_limit: int | None):
-        from grpo.vllm_engine import build_llm, llm_kwargs
-
-        self.cfg = cfg
-        self.device = device
-        self.llm = build_llm(llm_kwargs(cfg, model_path, device, cfg.seed, False, model_limit))
-        self.lock = threading.Lock()
-        self.merger = RequestMerger(self._run)
-        self.batch_sizes: list[int] = []  # prompts per engine call (the last 100), reported by /health
-        self.group = None
-        self.store = None
-        self.version = 0  # weight syncs received
-
-    def health(self, _req: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "version": self.version, "model": self.cfg.model.path, "batch_sizes": self.batch_sizes}
-
-    def generate(self, req: dict[str, Any]) -> dict[str, Any]:
-        from grpo.vllm_engine import sample_dicts, vllm_sampling_params
-
-        params = SamplingParams(req["max_new_tokens"], req["temperature"], req["top_p"], req["greedy"])
-        sp = vllm_sampling_params(params, req["n"], req["stop_ids"])
-        outs = self.merger.submit(list(req["prompts"]), [sp] * len(req["prompts"]), int(req.get("ranks", 1)))
-        return {"samples": [sample_dicts(o) for o in outs]}
-
-    def _run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
-        with self.lock:
-            self.batch_sizes = (self.batch_sizes + [len(prompts)])[-100:]
-            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-
-    def sync_init(self, req: dict[str, Any]) -> dict[str, Any]:
-        with self.lock:
-            self.group, self.store = weight_group(req["host"], req["port"], req["rank"], req["world"],
-                                                  req["backend"], req["timeout"])
-        return {"ok": True}
-
-    def sync_bucket(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Receive one bucket (one flat tensor per dtype, broadcast by the trainer) and load it into vLLM."""
-        if self.group is None:
-            raise RuntimeError("no weight group: the trainer must call /sync/init first")
-        dev = "cuda" if self.device == "cuda" else "cpu"
-        with self.lock:
-            tensors = []
-            for dtype, entries in req["groups"]:
-                total = sum(math.prod(shape) for _, shape in entries)
-                flat = torch.empty(total, dtype=DTYPES[dtype], device=dev)
-                self.group.broadcast(flat, 0).wait()
-                off = 0
-                for name, shape in entries:
-                    n = math.prod(shape)
-                    tensors.append((name, flat[off : off + n].view(shape)))
-                    off += n
-            load_weights(self.llm, tensors)
-        return {"ok": True}
-
-    def sync_finish(self, req: dict[str, Any]) -> dict[str, Any]:
-        with self.lock:
-            held, probe = finish_sync(self.llm, req["probe"])
-            self.version += 1
-        return {"checksum": list(held), "probe": probe, "version": self.version}
-
-
-def make_handler(server: GenerationServer):
-    routes = {"/health": server.health, "/generate": server.generate, "/sync/init": server.sync_init,
-              "/sync/bucket": server.sync_bucket, "/sync/finish": server.sync_finish}
-
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, code: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _handle(self) -> None:
-            fn = routes.get(self.path)
-            if fn is None:
-                self._reply(404, {"error": f"no route {self.path}"})
-                return
-            try:
-                n = int(self.headers.get("Content-Length") or 0)
-                req = json.loads(self.rfile.read(n) or b"{}")
-                self._reply(200, fn(req))
-            except Exception as e:  # the trainer gets the reason instead of a dropped connection
-                log.exception("request %s failed", self.path)
-                self._reply(500, {"error": f"{type(e).__name__}: {e}"})
-
-        do_GET = do_POST = _handle
-
-        def log_message(self, fmt: str, *args) -> None:  # requests are logged by the trainer, not here
-            pass
-
-    return Handler
+    kw = llm_kwargs(cfg, model_path, device, cfg.seed, False, model_limit)
+    cmd = [sys.executable, "-m", "grpo.vllm_cli", "serve", kw.pop("model"), "--host", host,
+           "--port", str(port), "--weight-transfer-config", json.dumps({"backend": "grpo_broadcast"}),
+           "--worker-extension-cls", "grpo.vllm_plugin.GrpoWorkerExtension", "--disable-log-stats",
+           "--uvicorn-log-level", "warning"]
+    for key, value in kw.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            cmd += [flag] if value else ([f"--no-{key.replace('_', '-')}"] if key == "enable_prefix_caching" else [])
+        elif isinstance(value, dict):
+            cmd += [flag, json.dumps(value)]
+        elif value is not None:
+            cmd += [flag, str(value)]
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1",  # the RL endpoints (/pause, /update_weights, ...)
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
+    return cmd, env
 
 
 def serve(cfg: Config, host: str, port: int, ready_file: str | None = None) -> None:
-    """Start vLLM for the recipe's model and serve until killed."""
+    """Run `vllm serve` for the recipe's model until killed; print (and append to `ready_file`) its URL once its
+    /health answers. A thin launcher: the server is vLLM's own, with its OpenAI-compatible API."""
+    from transformers import AutoConfig
+
     from grpo.engine import pick_device
     from grpo.model import resolve_model_path
 
     device = pick_device(cfg.device)
     model_path = resolve_model_path(cfg.model.path)
-    from transformers import AutoConfig
-
     limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    server = GenerationServer(cfg, model_path, device, limit)
-    httpd = ThreadingHTTPServer((host, port), make_handler(server))
-    url = f"http://{socket.gethostname() if host in ('0.0.0.0', '') else host}:{httpd.server_address[1]}"
-    log.info("grpo serve: ready at %s", url)
+    if port == 0:
+        with socket.socket() as sk:
+            sk.bind(("", 0))
+            port = sk.getsockname()[1]
+    cmd, env = vllm_serve_command(cfg, model_path, device, host, port, limit)
+    url = f"http://{socket.gethostname() if host in ('0.0.0.0', '') else host}:{port}"
+    proc = subprocess.Popen(cmd, env=env)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # slurm's and Ctrl-C's: passed on to vLLM
+        signal.signal(sig, lambda signum, _f: proc.send_signal(signum))
+    deadline = time.monotonic() + cfg.rollout.vllm.timeout
+    while proc.poll() is None:
+        try:
+            request(url, "/health", None, 5.0)
+            break
+        except ServerError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise ServerError(f"vllm serve did not become ready at {url} within "
+                                  f"{cfg.rollout.vllm.timeout:g} s") from None
+            time.sleep(1.0)
+    if proc.poll() is not None:
+        raise ServerError(f"vllm serve exited with status {proc.returncode} before it was ready (its log is above)")
     print(f"grpo serve: ready at {url}", flush=True)
     if ready_file:
         with open(ready_file, "a") as f:
             f.write(url + "\n")
-    try:
-        httpd.serve_forever()
-    finally:
-        httpd.server_close()
+    raise SystemExit(proc.wait())
 
 
 # ---------------------------------------------------------------------------------------------- client
 
-def post(url: str, route: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    req = urllib.request.Request(url.rstrip("/") + route, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+def request(url: str, route: str, body: dict[str, Any] | None, timeout: float) -> Any:
+    """GET (body None) or POST JSON to a server; its JSON answer (None when empty). Errors name the server."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url.rstrip("/") + route, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
+            raw = r.read()
+            return json.loads(raw) if raw else None
     except urllib.error.HTTPError as e:
-        try:
-            detail = json.loads(e.read()).get("error", "")
-        except Exception:
-            detail = ""
+        detail = e.read().decode(errors="replace")[:1000]
         raise ServerError(f"vLLM server {url}{route} answered {e.code}: {detail}") from None
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
-        raise ServerError(f"vLLM server {url} did not answer {route} within {timeout:g} s: {reason} "
+        raise ServerError(f"vLLM server {url} did not answer {route.split('?')[0]} within {timeout:g} s: {reason} "
                           "(is `grpo serve` running there? see rollout.vllm.servers)") from None
 
 
@@ -295,8 +175,33 @@ def _parallel(fns: list) -> list[Any]:
     return results
 
 
+def completion_body(prompts: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int]) -> dict[str, Any]:
+    """An OpenAI-compatible /v1/completions request: token ids in; token ids and the sampled tokens' logprobs (after
+    temperature and top-p: the servers run with --logprobs-mode processed_logprobs) out."""
+    return {"prompt": prompts, "n": n, "max_tokens": params.max_new_tokens,
+            "temperature": 0.0 if params.greedy else params.temperature,
+            "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else -1,
+            "stop_token_ids": stop_ids, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True}
+
+
+def samples_from(choices: list[dict[str, Any]], num_prompts: int, n: int) -> list[list[dict[str, Any]]]:
+    """The choices of a completions answer (prompt-major, n per prompt) as per-prompt sample dicts."""
+    if len(choices) != num_prompts * n:
+        raise ServerError(f"expected {num_prompts * n} completions, got {len(choices)}")
+    out = []
+    for c in choices:
+        ids = list(c["token_ids"])
+        lps = [float(x) for x in (c.get("logprobs") or {}).get("token_logprobs") or []]
+        if len(lps) != len(ids):
+            raise ServerError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
+        out.append({"ids": ids, "logprobs": lps, "finish_reason": "stop" if c["finish_reason"] == "stop" else "length"})
+    return [out[i * n : (i + 1) * n] for i in range(num_prompts)]
+
+
 class ServerEngine:
-    """The trainer's side: prompts are split over the servers; after each update rank 0 sends the weights."""
+    """The trainer's side of server mode: prompts are split over `vllm serve` processes (whole groups each); after
+    each update rank 0 pauses them, streams the weights through vLLM's weight-transfer API (our `grpo_broadcast`
+    backend, grpo/vllm_plugin.py), resumes them, and checks what each holds (checksum and canary)."""
 
     def __init__(self, cfg: Config, tok, rank: int, world: int, stop_ids: list[int], probe: list[int]):
         v = cfg.rollout.vllm
@@ -305,8 +210,9 @@ class ServerEngine:
         self.stop_ids, self.probe = stop_ids, probe
         self.timeout = v.timeout
         self.zero3 = cfg.deepspeed.zero_stage == 3
+        self.version = 0
         for url in self.urls:
-            post(url, "/health", {}, min(self.timeout, 30.0))
+            request(url, "/health", None, min(self.timeout, 30.0))
         self.group = None
         if rank == 0:
             self._init_group()
@@ -314,41 +220,46 @@ class ServerEngine:
     def _init_group(self) -> None:
         v = self.cfg.rollout.vllm
         host = v.sync_host or ("127.0.0.1" if all(_is_local(u) for u in self.urls) else socket.gethostname())
-        backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
+        self.backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
         world = len(self.urls) + 1
-        body = {"host": host, "port": v.sync_port, "world": world, "backend": backend, "timeout": self.timeout}
-        calls = [lambda i=i, u=u: post(u, "/sync/init", {**body, "rank": i + 1}, self.timeout)
+        info = {"host": host, "port": v.sync_port, "world": world, "backend": self.backend, "timeout": self.timeout}
+        calls = [lambda i=i, u=u: request(u, "/init_weight_transfer_engine",
+                                          {"init_info": {**info, "rank": i + 1}}, self.timeout)
                  for i, u in enumerate(self.urls)]
-        calls.append(lambda: weight_group(host, v.sync_port, 0, world, backend, self.timeout))
+        calls.append(lambda: weight_group(host, v.sync_port, 0, world, self.backend, self.timeout))
         *_, (self.group, self.store) = _parallel(calls)
-        self.backend = backend
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         if not prompts:
             return []
         k = len(self.urls)
         # Contiguous shares keep a rank's prompts in order; a server gets whole groups (its prefix cache reuses
-        # each prompt for the group's n samples).
+        # each prompt for the group's n samples), and vLLM batches the requests of all ranks that arrive together.
         shares = [prompts[i * len(prompts) // k : (i + 1) * len(prompts) // k] for i in range(k)]
-        body = {"n": n, "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "greedy": params.greedy, "stop_ids": self.stop_ids,
-                "ranks": self.world}  # the server merges the requests of a step's ranks into one engine call
-        calls = [lambda u=u, s=s: post(u, "/generate", {**body, "prompts": s}, self.timeout)["samples"]
-                 if s else [] for u, s in zip(self.urls, shares, strict=True)]
+        calls = [lambda u=u, s=s: request(u, "/v1/completions", completion_body(s, n, params, self.stop_ids),
+                                          self.timeout)["choices"] if s else []
+                 for u, s in zip(self.urls, shares, strict=True)]
         out: list[list[Completion]] = []
-        for share, samples in zip(shares, _parallel(calls), strict=True):
-            out += [completions(p, s, self.tok) for p, s in zip(share, samples, strict=True)]
+        for share, choices in zip(shares, _parallel(calls), strict=True):
+            out += [completions(p, s, self.tok) for p, s in zip(share, samples_from(choices, len(share), n),
+                                                                   strict=True)]
         return out
 
     def release(self) -> None:
         """Nothing to free here: the servers run on other GPUs."""
 
     def sync(self, model: torch.nn.Module) -> dict[str, float]:
-        """Every rank walks the buckets (ZeRO-3 gathers are collective); rank 0 broadcasts them to the servers,
+        """Every rank walks the buckets (ZeRO-3 gathers are collective); rank 0 streams them to the paused servers,
         then checks each server's checksum and canary. The verdict is shared so all ranks stop together."""
         sent = [0.0, 0.0]
         bucket_bytes = self.cfg.rollout.vllm.sync_bucket_mb * 2**20
         failure: Exception | None = None
+        if self.rank == 0:
+            try:  # in-flight requests finish first; the prefix cache (KV of the old weights) is dropped
+                self._all("/pause?mode=wait&clear_cache=true")
+                self._all("/start_weight_update")
+            except ServerError as e:
+                failure = e
         for bucket in weight_buckets(model, bucket_bytes, self.zero3):
             if self.rank != 0 or failure is not None:
                 continue  # keep walking: the other ranks' ZeRO-3 gathers wait for this one
@@ -358,6 +269,13 @@ class ServerEngine:
             try:
                 self._send(bucket)
             except (ServerError, RuntimeError) as e:  # a server died mid-sync: report it once every rank is here
+                failure = e
+        if self.rank == 0 and failure is None:
+            try:
+                self.version += 1
+                self._all("/finish_weight_update", {"weight_version": str(self.version)})
+                self._all("/resume")
+            except ServerError as e:
                 failure = e
         trainer_lp = trainer_probe_logprobs(model, self.probe)  # every rank: under ZeRO-3 it is collective
         verdict: list[Any] = [failure]
@@ -372,14 +290,20 @@ class ServerEngine:
             raise verdict[0]
         return verdict[0]
 
+    def _all(self, route: str, body: dict[str, Any] | None = None) -> None:
+        _parallel([lambda u=u: request(u, route, body or {}, self.timeout) for u in self.urls])
+
     def _send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """One bucket: each server's /update_weights (which receives) while rank 0 broadcasts, one flat tensor per
+        dtype in the order the update info lists them."""
         groups = flat_buckets(bucket)
         dev = "cuda" if self.backend == "nccl" else "cpu"
-        calls = [lambda u=u: post(u, "/sync/bucket", {"groups": groups}, self.timeout) for u in self.urls]
+        calls = [lambda u=u: request(u, "/update_weights", {"update_info": {"groups": groups}}, self.timeout)
+                 for u in self.urls]
 
         def broadcast():
             tensors = dict(bucket)
-            for _, entries in groups:  # the order the servers receive in
+            for _, entries in groups:
                 flat = torch.cat([tensors[name].reshape(-1) for name, _ in entries]).to(dev)
                 work = self.group.broadcast(flat, 0)
                 if not work.wait(timedelta(seconds=self.timeout)):
@@ -388,17 +312,21 @@ class ServerEngine:
         _parallel([*calls, broadcast])
 
     def _check(self, trainer_lp: list[float], sent: tuple[float, float]) -> dict[str, float]:
-        metrics: dict[str, float] = {}
+        """Each server's checksum (through vLLM's /collective_rpc into our worker extension) and its logprobs of
+        the probe (prompt logprobs of a completions request) against the trainer's; the worst server's figures."""
         worst = None
         for url in self.urls:
-            r = post(url, "/sync/finish", {"probe": self.probe}, self.timeout)
-            mean_abs, max_abs = canary_diff(r["probe"], trainer_lp)
-            check = SyncCheck(sent, tuple(r["checksum"]), mean_abs, max_abs)
+            held = request(url, "/collective_rpc", {"method": "grpo_checksum"}, self.timeout)["results"][0]
+            probe = request(url, "/v1/completions", {"prompt": self.probe, "max_tokens": 1, "temperature": 1.0,
+                                                     "prompt_logprobs": 0}, self.timeout)
+            steps = probe["choices"][0]["prompt_logprobs"][1:]
+            engine_lp = [float(step[str(t)]["logprob"]) for step, t in zip(steps, self.probe[1:], strict=True)]
+            mean_abs, max_abs = canary_diff(engine_lp, trainer_lp)
+            check = SyncCheck(sent, (float(held[0]), float(held[1])), mean_abs, max_abs)
             judge(check, self.cfg, f"vLLM server {url}")
             if worst is None or not mean_abs <= worst.canary_mean_abs:
                 worst = check
-        metrics.update(worst.metrics())
-        return metrics
+        return {**worst.metrics(), "sync/version": float(self.version)}
 
 
 def _is_local(url: str) -> bool:

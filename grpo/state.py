@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from grpo import prefix_attention
 from grpo.config import Config, ConfigError
 from grpo.data import PromptSet, load_rows, render
 from grpo.engine import build_policy_engine, build_reference, check_device_options, init_distributed, pick_device
@@ -88,17 +89,27 @@ def setup(cfg: Config) -> RunState:
     model = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = build_policy_engine(model, cfg, cfg.optim.micro_batch_size, shape.grad_accum)
+    engine = build_policy_engine(_layout_ready(cfg, model), cfg, cfg.optim.micro_batch_size, shape.grad_accum)
     ref = None
     if cfg.algo.beta > 0:
-        ref = build_reference(load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code),
-                              cfg, cfg.optim.micro_batch_size, shape.grad_accum)
+        ref = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code)
+        ref = build_reference(_layout_ready(cfg, ref), cfg, cfg.optim.micro_batch_size, shape.grad_accum)
         ref.to(engine.device)
     check_lengths(cfg, model, prompts)
     rollout = build_rollout(cfg, engine.module, tok, model_path, device, rank, world, prompts.rows[0]["prompt_ids"],
                             getattr(engine.optimizer, "parameter_offload", None))
     return RunState(device, rank, world, tok, prompts, held, rewards, Learner(engine, ref, shape, tok.pad_token_id),
                     rollout, model_path, pool)
+
+
+def _layout_ready(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """The prefix layout's attention, switched on at start-up (a model it cannot shape fails here, not mid-run)."""
+    if cfg.layout() == "prefix":
+        try:
+            prefix_attention.enable(model)
+        except ValueError as e:
+            raise ConfigError(f"optim.layout: {e}") from None
+    return model
 
 
 def check_lengths(cfg: Config, model: torch.nn.Module, prompts: PromptSet) -> None:

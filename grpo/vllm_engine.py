@@ -295,6 +295,10 @@ class VLLMEngine:
             self.asleep = tags is not None and "kv_cache" not in tags
 
     def sync(self, model: torch.nn.Module) -> dict[str, float]:
+        """The buckets straight into vLLM's model, in this process. Not through vLLM's in-process RL API
+        (`LLM.init_weight_transfer_engine` / `update_weights`): its in-process backend, `ipc`, shares CUDA memory
+        handles and needs a GPU, and a broadcast backend would be a process group of this process with itself;
+        a direct `load_weights` in the worker is what both would end in."""
         self._wake(["weights"] if self.asleep else None)
         sent = [0.0, 0.0]
         bucket_bytes = self.cfg.rollout.vllm.sync_bucket_mb * 2**20

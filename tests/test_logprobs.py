@@ -226,3 +226,26 @@ def test_prefix_attention_has_its_own_name(model, tmp_path):
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa and other.config._attn_implementation == "sdpa"
     model.save_pretrained(tmp_path)
     assert "grpo_prefix" not in (tmp_path / "config.json").read_text()
+
+
+def test_prefix_attention_wraps_flash_in_place(monkeypatch):
+    """Flash attention is recognised by its name and reads the configured name back (its lazy kernel import), so a
+    renamed entry could not hand calls on to it: under flash the wrapper goes in front of transformers' own entry,
+    and a forward without a layout still reaches the original function."""
+    import types
+
+    from transformers import AttentionInterface
+
+    from grpo import prefix_attention
+
+    calls = []
+    original = lambda module, q, k, v, mask, **kw: calls.append("flash") or ("out", None)  # noqa: E731
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", original)
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"),
+                                 set_attn_implementation=lambda name: pytest.fail("flash must not be renamed"))
+    prefix_attention.enable(fake)
+    prefix_attention.enable(fake)  # idempotent: wrapped once
+    wrapped = AttentionInterface._global_mapping["flash_attention_2"]
+    assert wrapped.grpo_prefix_base is original
+    module = types.SimpleNamespace(training=False)
+    assert wrapped(module, 1, 2, 3, None) == ("out", None) and calls == ["flash"]

@@ -28,6 +28,10 @@ def test_tiny_run_writes_every_artefact(tmp_path, tiny_model_dir):
     assert m[1]["lr"] > 0 and m[1]["grad_norm"] > 0
     assert "reward/tests.helpers:length_reward/mean" in m[1]
     assert m[1]["logprob_mismatch/mean_abs"] < 1e-3  # the HF engine samples from the trainer's own weights
+    # not a terminal: one plain progress line per step (no tqdm carriage returns in a slurm .out file)
+    lines = [ln for ln in p.stderr.splitlines() if " grpo: step " in ln]
+    assert [ln.split(" grpo: step ")[1].split()[0] for ln in lines] == ["1/2", "2/2"], p.stderr[-2000:]
+    assert f"reward {m[1]['reward/mean']:.3f}" in lines[0] and "tokens/s" in lines[0] and "\r" not in p.stderr
     assert "eval/accuracy" in m[0] and "eval/accuracy" in m[2]
 
     roll = pd.read_parquet(run / "rollouts" / "step-000001.parquet")

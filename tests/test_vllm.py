@@ -166,7 +166,7 @@ def _free_port() -> int:
 def _server(model_dir: Path, tmp_path: Path):
     """A `grpo serve` process on localhost for the duration of the block; yields its URL."""
     ready = tmp_path / "ready.txt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "grpo", "serve", str(RECIPE), f"model.path={model_dir}",
                              "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready)],
@@ -193,7 +193,7 @@ def _server_run(model_dir: Path, run: Path, url: str, launcher: list[str] | None
 
 def test_server_mode_end_to_end(tmp_path, vllm_tiny_dir):
     """A server process and a trainer process on localhost: two steps, weights synced and checked each time."""
-    from grpo.serve import post
+    from grpo.serve import request
 
     with _server(vllm_tiny_dir, tmp_path) as url:
         run = tmp_path / "run"
@@ -206,8 +206,63 @@ def test_server_mode_end_to_end(tmp_path, vllm_tiny_dir):
             assert r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 and r["grad_norm"] > 0
             assert r["logprob_mismatch/mean_abs"] < 1e-3
         assert "eval/accuracy" in m[0]
-        health = post(url, "/health", {}, 10)
-        assert health["version"] == 3  # the initial sync and one per step
+        assert request(url, "/weight_info", None, 10)["weight_version"] == "3"  # the initial sync, one per step
+        # the server is a plain vLLM server: any OpenAI client can use it (here with text in and text out)
+        answer = request(url, "/v1/completions", {"prompt": "2 + 3 =", "max_tokens": 3}, 60)
+        assert isinstance(answer["choices"][0]["text"], str) and answer["usage"]["completion_tokens"] >= 1
+
+
+def test_server_sync_checks_catch_corruption_and_a_dead_server(tmp_path, vllm_tiny_dir, monkeypatch):
+    """The trainer's client in this process against a `vllm serve` process: sampled logprobs equal the HF
+    computation, a sync reaches the server (checksum and canary), a bucket corrupted on the way is caught by the
+    checksum, zeroed embeddings by the canary, a clean sync repairs the server, and a killed server is an error
+    naming its URL within the deadline."""
+    from grpo import serve
+    from grpo.config import load_config
+    from grpo.model import load_model, load_tokenizer
+    from grpo.rollout import SamplingParams, stop_ids
+    from grpo.vllm_engine import SyncError, probe_ids
+
+    tok = load_tokenizer(str(vllm_tiny_dir))
+    model = load_model(str(vllm_tiny_dir), "float32")
+    prompt = tok.encode("What is 2 + 3?")
+    with _server(vllm_tiny_dir, tmp_path) as url:
+        cfg = load_config(RECIPE, [f"model.path={vllm_tiny_dir}", "rollout.engine=vllm_server",
+                                   f"rollout.vllm.servers=[{url}]", f"rollout.vllm.sync_port={_free_port()}",
+                                   "rollout.vllm.timeout=20"])
+        engine = serve.ServerEngine(cfg, tok, 0, 1, stop_ids(tok, model), probe_ids(tok, prompt))
+        assert engine.sync(model)["sync/checksum_ok"] == 1.0
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        m = engine.sync(model)
+        assert m["sync/checksum_ok"] == 1.0 and m["sync/canary_max_abs"] < 1e-4
+        groups = engine.generate([prompt, prompt[:-1]], 3, SamplingParams(8, temperature=0.9))
+        assert [len(g) for g in groups] == [3, 3]
+        for p_ids, g in zip([prompt, prompt[:-1]], groups, strict=True):
+            for c in g:
+                assert c.prompt_ids == p_ids and len(c.ids) == len(c.logprobs) >= 1
+                assert torch.allclose(torch.tensor(c.logprobs), _hf_logprobs(model, p_ids, c.ids, 0.9, 1.0),
+                                      atol=1e-4)
+
+        real_send = serve.ServerEngine._send
+
+        def corrupt(how):
+            monkeypatch.setattr(serve.ServerEngine, "_send", lambda self, b: real_send(self, how(b)))
+
+        corrupt(lambda b: [(n, t.clone().index_fill_(0, torch.tensor([0]), 0.123) if i == 0 else t)
+                           for i, (n, t) in enumerate(b)])  # one value: the checksum, not the canary
+        with pytest.raises(SyncError, match="checksum differs"):
+            engine.sync(model)
+        corrupt(lambda b: [(n, t * 0.0 if "embed" in n else t) for n, t in b])
+        with pytest.raises(SyncError, match="canary: mean"):
+            engine.sync(model)
+        monkeypatch.setattr(serve.ServerEngine, "_send", real_send)
+        assert engine.sync(model)["sync/checksum_ok"] == 1.0  # a clean sync repairs the server
+    t0 = time.monotonic()  # the server is gone (killed with its process group)
+    with pytest.raises(serve.ServerError, match=f"vLLM server {url} did not answer /v1/completions"):
+        engine.generate([prompt], 2, SamplingParams(8))
+    assert time.monotonic() - t0 < 25
 
 
 def test_dead_server_is_an_error_naming_it(tmp_path, vllm_tiny_dir):
@@ -263,11 +318,7 @@ def test_server_mode_two_training_ranks(tmp_path, vllm_tiny_dir, zero):
         m = metrics(run)
         assert [r["step"] for r in m] == [1, 2]
         assert all(r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 for r in m)
-        # each step's two requests (one prompt per rank) reached the engine as one call of 2 prompts, never 1
-        from grpo.serve import post
-
-        sizes = post(url, "/health", {}, 10)["batch_sizes"]
-        assert sizes.count(2) >= 2 and 1 not in sizes, sizes
+        assert all(r["logprob_mismatch/mean_abs"] < 1e-3 for r in m)
 
 
 @pytest.mark.slow

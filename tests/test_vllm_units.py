@@ -1,74 +1,52 @@
-"""Units of the vLLM engines that need no vLLM: the server merges concurrent generation requests into one engine
-call (with W training ranks it used to run W small calls one after another behind its lock; the engine here is a
-recorder, tests/test_vllm.py runs the real server with two training ranks), the colocated engine hands CUDA's
-cached memory back before vLLM wakes, the sync's checksums, and the client's deadline on a server that never
-answers."""
+"""Units of the vLLM engines that need no running vLLM: the `vllm serve` command `grpo serve` builds, the client's
+reading of OpenAI-compatible completions, the colocated engine handing CUDA's cached memory back before vLLM
+wakes, the sync's checksums, and the client's deadline on a server that never answers. (tests/test_vllm.py runs
+the real servers.)"""
 
 from __future__ import annotations
 
+import json
 import math
 import socket
-import threading
 import time
 
 import pytest
 import torch
 
-from grpo.serve import RequestMerger
+from grpo import serve
+from grpo.config import load_config
 
 pytestmark = pytest.mark.unit
 
 
-def test_concurrent_requests_become_one_engine_call():
-    calls = []
-
-    def run(prompts, params):
-        calls.append((list(prompts), list(params)))
-        return [f"out-{p}-{s}" for p, s in zip(prompts, params, strict=True)]
-
-    merger = RequestMerger(run, max_wait=30)
-    got: dict[int, list] = {}
-    start = threading.Barrier(3)
-
-    def rank(r: int):
-        start.wait()
-        got[r] = merger.submit([f"p{r}a", f"p{r}b"], [f"s{r}", f"s{r}"], expect=3)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert len(calls) == 1 and sorted(calls[0][0]) == ["p0a", "p0b", "p1a", "p1b", "p2a", "p2b"]
-    for r in range(3):  # every caller gets its own outputs, in its own order, with its own parameters
-        assert got[r] == [f"out-p{r}a-s{r}", f"out-p{r}b-s{r}"]
-    assert merger.submit(["q"], ["t"]) == ["out-q-t"] and len(calls) == 2  # later requests: a new call
-    t0 = __import__("time").monotonic()
-    assert RequestMerger(run, max_wait=0.3).submit(["r"], ["u"], expect=2) == ["out-r-u"]  # a rank that never
-    assert __import__("time").monotonic() - t0 < 5  # comes (no held-out rows) costs at most max_wait
+def test_vllm_serve_command_carries_the_recipe():
+    cfg = load_config(None, ["rewards=[{name: accuracy}]", "model.dtype=bfloat16", "seed=7",
+                             "rollout.vllm.kv_cache_gib=0.5", "rollout.max_new_tokens=32"])
+    cmd, env = serve.vllm_serve_command(cfg, "/m", "cpu", "127.0.0.1", 8123, 4096)
+    assert cmd[1:5] == ["-m", "grpo.vllm_cli", "serve", "/m"]
+    flag = lambda f: cmd[cmd.index(f) + 1]  # noqa: E731
+    assert flag("--port") == "8123" and flag("--dtype") == "bfloat16" and flag("--seed") == "7"
+    assert flag("--max-model-len") == str(512 + 32)  # data.max_prompt_tokens + rollout.max_new_tokens
+    assert flag("--kv-cache-memory-bytes") == str(2**29) and flag("--logprobs-mode") == "processed_logprobs"
+    assert json.loads(flag("--weight-transfer-config")) == {"backend": "grpo_broadcast"}
+    assert flag("--worker-extension-cls") == "grpo.vllm_plugin.GrpoWorkerExtension"
+    assert "--enforce-eager" in cmd and "--enable-prefix-caching" in cmd
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"
 
 
-def test_an_engine_error_reaches_every_caller_of_the_batch():
-    def run(prompts, params):
-        raise RuntimeError("engine died")
-
-    merger = RequestMerger(run, max_wait=30)
-    errors = []
-
-    def call():
-        try:
-            merger.submit(["x"], ["s"], expect=2)
-        except RuntimeError as e:
-            errors.append(str(e))
-
-    threads = [threading.Thread(target=call) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert errors == ["engine died", "engine died"]
-    with pytest.raises(RuntimeError, match="engine died"):
-        merger.submit(["y"], ["s"])
+def test_completions_are_read_prompt_major():
+    choices = [{"token_ids": [5 + i, 2], "logprobs": {"token_logprobs": [-0.5 - i, -0.1]},
+                "finish_reason": "stop" if i % 2 else "length"} for i in range(6)]
+    got = serve.samples_from(choices, 2, 3)
+    assert [[s["ids"][0] for s in g] for g in got] == [[5, 6, 7], [8, 9, 10]]
+    assert got[1][0] == {"ids": [8, 2], "logprobs": [-3.5, -0.1], "finish_reason": "stop"}
+    with pytest.raises(serve.ServerError, match="expected 4 completions, got 6"):
+        serve.samples_from(choices, 2, 2)
+    choices[0]["logprobs"]["token_logprobs"] = [-0.5]
+    with pytest.raises(serve.ServerError, match="1 logprobs for 2 tokens"):
+        serve.samples_from(choices, 2, 3)
+    body = serve.completion_body([[1, 2]], 3, serve.SamplingParams(8, greedy=True), [2])
+    assert body["temperature"] == 0.0 and body["top_k"] == 0 and body["return_token_ids"] and body["logprobs"] == 0
 
 
 def test_colocated_engine_empties_the_cuda_cache_before_waking(monkeypatch):
@@ -128,15 +106,15 @@ def test_colocated_engine_discards_weights_in_release_and_refuses_to_generate_be
 
 def test_server_that_stops_answering_mid_request(tmp_path):
     """A server that accepts the connection and never replies: the client's deadline turns it into an error."""
-    from grpo.serve import ServerError, post
+    from grpo.serve import ServerError, request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
         t0 = time.monotonic()
-        with pytest.raises(ServerError, match=f"vLLM server {url} did not answer /generate within 2 s"):
-            post(url, "/generate", {}, 2.0)
+        with pytest.raises(ServerError, match=f"vLLM server {url} did not answer /v1/completions within 2 s"):
+            request(url, "/v1/completions", {}, 2.0)
         assert time.monotonic() - t0 < 10
 
 

@@ -33,6 +33,9 @@ def test_two_process_zero(tmp_path, tiny_model_dir, stage):
     m = metrics(run)
     assert [r["step"] for r in m] == [1, 2]
     assert m[0]["grad_norm"] > 0
+    # rank 0 alone reports progress; rank 1 would only warn or err, prefixed with its rank
+    assert len([ln for ln in p.stderr.splitlines() if " grpo: step 1/2 " in ln]) == 1, p.stderr[-3000:]
+    assert not any("[rank 1] INFO" in ln for ln in p.stderr.splitlines())
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(run / "final" / "model.safetensors")
     if stage < 3:  # both ranks hold the same full weights at the end (checksums gathered from every rank)
