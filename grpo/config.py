@@ -60,7 +60,7 @@ class _Section(BaseModel):
 
     def validate(self) -> None:
         """Check again, e.g. after attributes were assigned (construction validates, assignment does not)."""
-        type(self)(**self.model_dump())
+        type(self)(**self.model_dump(by_alias=True))
 
 
 class ModelConfig(_Section):
@@ -160,7 +160,22 @@ class RolloutConfig(_Section):
     generation_batch_size: int = Field(64, gt=0, description="sequences per generate call")
     dynamic_sampling: bool = Field(False, description="DAPO: drop zero-variance groups, sample more prompts to refill")
     max_sampling_rounds: int = Field(4, gt=0, description="bound on refills per step when dynamic_sampling is on")
+    async_: bool = Field(False, alias="async", description="vllm_server: the servers generate the next step's groups "
+                         "while the trainer updates on this step's (one step of staleness)")
+    max_staleness: int = Field(1, ge=1, description="async: groups sampled more than this many weight versions "
+                               "behind the trainer are dropped (and counted)")
+    async_pause: Literal["keep", "abort"] = Field("keep", description="async: requests in flight during a weight "
+                                                  "update are kept (finish on the new weights) or aborted and resent")
     vllm: VLLMConfig = Field(VLLMConfig(), description="the vLLM engines")
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutConfig:
+        if self.async_ and self.engine != "vllm_server":
+            raise _Bad("async", "needs rollout.engine=vllm_server (servers generate while the trainer updates)")
+        if self.async_ and self.dynamic_sampling:
+            raise _Bad("async", "does not combine with rollout.dynamic_sampling (its refill rounds are collective "
+                       "decisions of the ranks, which a background rollout cannot take part in)")
+        return self
 
 
 class RewardConfig(_Section):
@@ -415,7 +430,8 @@ def _message(e: ValidationError, model: type[BaseModel], at: str = "") -> str:
             section = model
             for part in (p for p in loc[:-1] if isinstance(p, str)):
                 section = _sections(section)[part]
-            lines.append(f"unknown key {key} (known: {', '.join(section.model_fields)})")
+            known = ", ".join(f.alias or n for n, f in section.model_fields.items())
+            lines.append(f"unknown key {key} (known: {known})")
         elif "error" in ctx:
             lines.append(f"{key}: {ctx['error']}")
         else:
@@ -426,4 +442,4 @@ def _message(e: ValidationError, model: type[BaseModel], at: str = "") -> str:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain builtins (YAML- and JSON-dumpable), sections as nested dicts."""
-    return cfg.model_dump()
+    return cfg.model_dump(by_alias=True)

@@ -2,7 +2,8 @@
 
 Interface (kept stable; the vLLM engines implement the same):
     engine.generate(prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]
-    engine.sync(model) -> dict[str, float]   # make the engine sample from the trainer's current weights;
+    engine.sync(model, version) -> dict[str, float]  # make the engine sample from the trainer's current weights
+                                             # (`version`: the optimizer steps they include, for the records);
                                              # returns what the sync measured (metrics), {} when nothing to do
     engine.release() -> None     # free memory while the trainer updates (colocated vLLM; a no-op elsewhere)
 
@@ -36,12 +37,13 @@ class Completion:
     text: str  # decoded without special tokens
     logprobs: list[float]  # engine's sampling logprob of each token (after temperature/top-p)
     finish_reason: str  # "stop" | "length"
+    version: int | None = None  # the engine's weight version it was sampled with (server mode; None: current)
 
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]: ...
 
-    def sync(self, model: torch.nn.Module) -> dict[str, float]: ...
+    def sync(self, model: torch.nn.Module, version: int = 0) -> dict[str, float]: ...
 
     def release(self) -> None:
         """Free what the engine holds while the trainer updates (a no-op where nothing can be freed)."""
@@ -90,7 +92,7 @@ class HFEngine:
         self.zero3_offload = zero3_offload  # DeepSpeed's DeepSpeedZeRoOffload (engine.optimizer.parameter_offload)
         self.eos_ids = stop_ids(tokenizer, model)
 
-    def sync(self, model: torch.nn.Module) -> dict[str, float]:
+    def sync(self, model: torch.nn.Module, version: int = 0) -> dict[str, float]:
         self.model = model  # same module: the weights are the trainer's own
         return {}
 

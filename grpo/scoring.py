@@ -7,6 +7,7 @@ produced (groups, rounds, error counts).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class Rollouts:
     rounds: int  # sampling rounds (more than one only with dynamic sampling)
     errors: dict[str, int]  # per reward: samples that errored or timed out, over all rounds
     timeouts: dict[str, int]
+    stale: int = 0  # async: groups dropped for sampling weights older than rollout.max_staleness allows
 
 
 def score_groups(rows: list[dict[str, Any]], comps: list[list[Completion]], rewards: list[Reward],
@@ -107,3 +109,66 @@ def collect(cfg, engine: RolloutEngine, prompts: PromptSet, rewards: list[Reward
             break
     # top up with no-signal groups only if the rounds ran out
     return Rollouts((kept + spare)[:prompts_per_rank], rounds, errors, timeouts)
+
+
+# ---------------------------------------------------------------------------------------------- async rollouts
+
+class Prefetch:
+    """One step's generation in a background thread (rollout.async, server mode): the servers sample the next
+    step's groups while the trainer updates on this one's. The prompts are taken in the main thread, so the data
+    order does not depend on timing; `sampler_state` is the sampler before they were taken, which a checkpoint
+    written while this is in flight saves (a resumed run takes the same prompts again and regenerates them)."""
+
+    def __init__(self, engine: RolloutEngine, rows: list[dict[str, Any]], n: int, params: SamplingParams,
+                 sampler_state: dict[str, Any]):
+        self.rows, self.sampler_state = rows, sampler_state
+        self.comps: list[list[Completion]] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(engine, n, params), daemon=True)
+        self.thread.start()
+
+    def _run(self, engine: RolloutEngine, n: int, params: SamplingParams) -> None:
+        try:
+            self.comps = engine.generate([row["prompt_ids"] for row in self.rows], n, params)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread by wait()
+            self.error = e
+
+    def wait(self) -> list[list[Completion]]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.comps
+
+
+def start_prefetch(cfg, engine: RolloutEngine, prompts: PromptSet, sampler: PromptSampler, rank: int,
+                   prompts_per_rank: int) -> Prefetch:
+    state = sampler.state()
+    idx = sampler.take(cfg.rollout.prompts_per_step)
+    rows = [prompts.rows[i] for i in idx[rank * prompts_per_rank : (rank + 1) * prompts_per_rank]]
+    r = cfg.rollout
+    return Prefetch(engine, rows, r.num_generations, SamplingParams(r.max_new_tokens, r.temperature, r.top_p), state)
+
+
+def stale_groups(groups: list[Group], version: int, max_staleness: int) -> list[bool]:
+    """Per group: sampled (any completion) more than `max_staleness` weight versions behind `version`."""
+    return [any(c.version is not None and version - c.version > max_staleness for c in g.completions)
+            for g in groups]
+
+
+def collect_async(cfg, engine: RolloutEngine, prompts: PromptSet, rewards: list[Reward], pool: WorkerPool | None,
+                  sampler: PromptSampler, rank: int, prompts_per_rank: int, step: int, timer,
+                  pending: Prefetch | None) -> tuple[Rollouts, Prefetch | None]:
+    """This step's rollouts from the generation started during the previous update (or now, on the first step and
+    after a resume), and the next step's generation started; stale groups are dropped and counted."""
+    if pending is None:
+        pending = start_prefetch(cfg, engine, prompts, sampler, rank, prompts_per_rank)
+    with timer("wait_rollout"):
+        comps = pending.wait()
+    nxt = start_prefetch(cfg, engine, prompts, sampler, rank, prompts_per_rank) if step < cfg.steps else None
+    with timer("score"):
+        state = TrainerState(step, cfg.steps, sampler.epoch + sampler.pos / max(sampler.size, 1))
+        groups, errors, timeouts = score_groups(pending.rows, comps, rewards, prompts, pool, state)
+        with_advantages(groups, cfg.algo.advantage)
+    stale = stale_groups(groups, getattr(engine, "version", 0), cfg.rollout.max_staleness)
+    kept = [g for g, s in zip(groups, stale, strict=True) if not s]
+    return Rollouts(kept, 1, errors, timeouts, sum(stale)), nxt

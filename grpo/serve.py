@@ -88,8 +88,9 @@ def vllm_serve_command(cfg: Config, model_path: str, device: str, host: str, por
             cmd += [flag, json.dumps(value)]
         elif value is not None:
             cmd += [flag, str(value)]
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1",  # the RL endpoints (/pause, /update_weights, ...)
-           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # (in-process engines')
+    env |= {"VLLM_SERVER_DEV_MODE": "1",  # the RL endpoints (/pause, /update_weights, ...)
+            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
     return cmd, env
 
 
@@ -210,7 +211,12 @@ class ServerEngine:
         self.stop_ids, self.probe = stop_ids, probe
         self.timeout = v.timeout
         self.zero3 = cfg.deepspeed.zero_stage == 3
+        # the optimizer steps the servers' weights include (set by each sync); a completion records the version it
+        # was requested at
         self.version = 0
+        # async rollouts: requests in flight during an update are kept (finish on the new weights) or aborted (and
+        # sent again); otherwise the update waits for them
+        self.pause_mode = cfg.rollout.async_pause if cfg.rollout.async_ else "wait"
         for url in self.urls:
             request(url, "/health", None, min(self.timeout, 30.0))
         self.group = None
@@ -236,19 +242,30 @@ class ServerEngine:
         # Contiguous shares keep a rank's prompts in order; a server gets whole groups (its prefix cache reuses
         # each prompt for the group's n samples), and vLLM batches the requests of all ranks that arrive together.
         shares = [prompts[i * len(prompts) // k : (i + 1) * len(prompts) // k] for i in range(k)]
-        calls = [lambda u=u, s=s: request(u, "/v1/completions", completion_body(s, n, params, self.stop_ids),
-                                          self.timeout)["choices"] if s else []
+        calls = [lambda u=u, s=s: self._complete(u, s, n, params) if s else (0, [])
                  for u, s in zip(self.urls, shares, strict=True)]
         out: list[list[Completion]] = []
-        for share, choices in zip(shares, _parallel(calls), strict=True):
-            out += [completions(p, s, self.tok) for p, s in zip(share, samples_from(choices, len(share), n),
-                                                                   strict=True)]
+        for share, (version, choices) in zip(shares, _parallel(calls), strict=True):
+            for p, samples in zip(share, samples_from(choices, len(share), n), strict=True):
+                out.append(completions(p, samples, self.tok))
+                for c in out[-1]:
+                    c.version = version
         return out
+
+    def _complete(self, url: str, prompts: list[list[int]], n: int, params: SamplingParams) -> tuple[int, list]:
+        """One server's share, sent again when a weight update aborted it (rollout.async_pause=abort); returns the
+        weight version it was sent at and the choices."""
+        while True:
+            version = self.version
+            choices = request(url, "/v1/completions", completion_body(prompts, n, params, self.stop_ids),
+                              self.timeout)["choices"]
+            if not any(c.get("finish_reason") == "abort" for c in choices):
+                return version, choices
 
     def release(self) -> None:
         """Nothing to free here: the servers run on other GPUs."""
 
-    def sync(self, model: torch.nn.Module) -> dict[str, float]:
+    def sync(self, model: torch.nn.Module, version: int = 0) -> dict[str, float]:
         """Every rank walks the buckets (ZeRO-3 gathers are collective); rank 0 streams them to the paused servers,
         then checks each server's checksum and canary. The verdict is shared so all ranks stop together."""
         sent = [0.0, 0.0]
@@ -256,7 +273,7 @@ class ServerEngine:
         failure: Exception | None = None
         if self.rank == 0:
             try:  # in-flight requests finish first; the prefix cache (KV of the old weights) is dropped
-                self._all("/pause?mode=wait&clear_cache=true")
+                self._all(f"/pause?mode={self.pause_mode}&clear_cache=true")
                 self._all("/start_weight_update")
             except ServerError as e:
                 failure = e
@@ -272,8 +289,9 @@ class ServerEngine:
                 failure = e
         if self.rank == 0 and failure is None:
             try:
-                self.version += 1
-                self._all("/finish_weight_update", {"weight_version": str(self.version)})
+                self.version = version
+                self._all("/finish_weight_update", {"weight_version": str(version)})
+                self._all("/reset_prefix_cache")  # (a pause that keeps requests does not clear it)
                 self._all("/resume")
             except ServerError as e:
                 failure = e
@@ -288,6 +306,7 @@ class ServerEngine:
             verdict[0] = coll.broadcast_object(verdict[0])
         if isinstance(verdict[0], BaseException):
             raise verdict[0]
+        self.version = version  # every rank: its completions record it
         return verdict[0]
 
     def _all(self, route: str, body: dict[str, Any] | None = None) -> None:
@@ -326,7 +345,7 @@ class ServerEngine:
             judge(check, self.cfg, f"vLLM server {url}")
             if worst is None or not mean_abs <= worst.canary_mean_abs:
                 worst = check
-        return {**worst.metrics(), "sync/version": float(self.version)}
+        return worst.metrics()
 
 
 def _is_local(url: str) -> bool:

@@ -113,7 +113,8 @@ def rollout_records(step: int, groups: list, trainer_logprob_mean: list[list[flo
                         "reward_error": math.isnan(tot), "advantage": a, "num_tokens": len(c.ids),
                         "finish_reason": c.finish_reason,
                         "engine_logprob_mean": float(np.mean(c.logprobs)) if c.logprobs else math.nan,
-                        "trainer_logprob_mean": means[j], "policy_version": policy_version})
+                        "trainer_logprob_mean": means[j],
+                        "policy_version": policy_version if c.version is None else c.version})
     return out
 
 

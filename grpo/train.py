@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from grpo.config import Config, to_dict
 from grpo.data import PromptSampler
 from grpo.evaluate import evaluate
 from grpo.export import push_to_hub, save_final
-from grpo.scoring import Rollouts, collect
+from grpo.scoring import Prefetch, Rollouts, collect, collect_async
 from grpo.state import RunState, setup
 from grpo.tracking import Metrics, Timer, peak_memory_gib, rollout_records, step_metrics, write_records
 from grpo.update import update
@@ -69,7 +70,9 @@ def log_step(cfg: Config, run: RunState, step: int, ro: Rollouts, upd: dict[str,
     groups, names = ro.groups, [r.name for r in run.rewards]
     rec = {"step": step, **step_metrics(groups, names, ro.rounds), **upd}
     counts = coll.sum_named({**{f"reward/{k}/errors": ro.errors[k] for k in names},
-                             **{f"reward/{k}/timeouts": ro.timeouts[k] for k in names}})
+                             **{f"reward/{k}/timeouts": ro.timeouts[k] for k in names}, "stale": ro.stale})
+    if cfg.rollout.async_:
+        rec["rollout/stale_groups"] = counts["stale"]
     for k in names:
         rec[f"reward/{k}/errors"], rec[f"reward/{k}/timeouts"] = counts[f"reward/{k}/errors"], \
             counts[f"reward/{k}/timeouts"]
@@ -97,23 +100,37 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def run_step(cfg: Config, run: RunState, sampler: PromptSampler, step: int, run_dir: Path) -> dict[str, Any]:
+@dataclass
+class Pipeline:
+    """Async rollouts (rollout.async): the next step's generation, in flight while this step updates."""
+
+    pending: Prefetch | None = None
+
+
+def run_step(cfg: Config, run: RunState, sampler: PromptSampler, step: int, run_dir: Path,
+             pipe: Pipeline | None = None) -> dict[str, Any]:
     """One GRPO step, from sampling to the checked weight sync; returns its metrics record."""
     timer, t0 = Timer(), time.perf_counter()
-    ro = collect(cfg, run.rollout, run.prompts, run.rewards, run.pool, sampler, run.rank,
-                 run.learner.shape.prompts_per_rank, step, timer)  # generate + score + advantages
+    args = (cfg, run.rollout, run.prompts, run.rewards, run.pool, sampler, run.rank,
+            run.learner.shape.prompts_per_rank, step, timer)
+    if cfg.rollout.async_ and pipe is not None:  # this step's groups were sampled during the last update
+        ro, pipe.pending = collect_async(*args, pipe.pending)
+    else:
+        ro = collect(*args)  # generate + score + advantages
     run.rollout.release()  # a colocated vLLM engine frees its GPU memory for the update
     upd = update(cfg, run.learner, ro.groups, timer)  # logprobs + loss + backward + step
     with timer("sync"):
-        upd.metrics.update(run.rollout.sync(run.engine.module))  # new weights to the engine, checked
+        upd.metrics.update(run.rollout.sync(run.engine.module, step))  # new weights to the engine, checked
     return log_step(cfg, run, step, ro, upd.metrics, upd.trainer_logprob_mean, timer, t0, run_dir)
 
 
-def checkpoint_meta(cfg: Config, run: RunState, sampler: PromptSampler, step: int,
-                    wandb_id: str | None) -> dict[str, Any]:
-    """What a resume needs besides DeepSpeed's own state: the step, the data order, and the config to match."""
-    return {"step": step, "sampler": sampler.state(), "world_size": run.world, "wandb_id": wandb_id,
-            "config": to_dict(cfg)}
+def checkpoint_meta(cfg: Config, run: RunState, sampler: PromptSampler, step: int, wandb_id: str | None,
+                    pipe: Pipeline | None = None) -> dict[str, Any]:
+    """What a resume needs besides DeepSpeed's own state: the step, the data order, and the config to match. With
+    a generation in flight (async), the sampler from before it took its prompts: a resume takes them again."""
+    pending = pipe.pending if pipe is not None else None
+    return {"step": step, "sampler": pending.sampler_state if pending is not None else sampler.state(),
+            "world_size": run.world, "wandb_id": wandb_id, "config": to_dict(cfg)}
 
 
 class Progress:
@@ -170,16 +187,17 @@ def train(cfg: Config) -> Path:
     sampler = PromptSampler(len(run.prompts.rows), cfg.seed)
     start, metrics = open_run(cfg, run, sampler)
     if cfg.rollout.engine != "hf":  # the engine loaded model.path: check the pipeline, and catch up on a resume
-        log.info("initial weight sync: %s", run.rollout.sync(run.engine.module))
+        log.info("initial weight sync: %s", run.rollout.sync(run.engine.module, start))
     if start == 0 and cfg.eval.at_start:
         ev = evaluate(cfg, run, 0, run_dir)
         if metrics is not None and ev:
             metrics.log({"step": 0, **ev})
             log.info("eval at step 0: %s", ev)
     progress = Progress(cfg.steps, start) if run.rank == 0 else None
+    pipe = Pipeline()
     try:
         for step in range(start + 1, cfg.steps + 1):
-            rec = run_step(cfg, run, sampler, step, run_dir)
+            rec = run_step(cfg, run, sampler, step, run_dir, pipe)
             if (cfg.eval.every and step % cfg.eval.every == 0) or (step == cfg.steps and cfg.eval.at_end):
                 rec.update(evaluate(cfg, run, step, run_dir))
             if metrics is not None:
@@ -187,7 +205,7 @@ def train(cfg: Config) -> Path:
                 progress.step(rec)
             stopping = stop.agreed()
             if stopping or step == cfg.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                meta = checkpoint_meta(cfg, run, sampler, step, metrics.wandb_id if metrics else None)
+                meta = checkpoint_meta(cfg, run, sampler, step, metrics.wandb_id if metrics else None, pipe)
                 ckpt.save(run.engine, run_dir / "checkpoints", step, meta, run.rank, cfg.checkpoint.keep)
             if stopping and step < cfg.steps:
                 marker = os.environ.get("GRPO_PREEMPT_MARKER")  # launchers (torchrun) hide our exit code

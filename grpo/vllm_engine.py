@@ -294,7 +294,7 @@ class VLLMEngine:
             self.llm.wake_up(tags=tags)
             self.asleep = tags is not None and "kv_cache" not in tags
 
-    def sync(self, model: torch.nn.Module) -> dict[str, float]:
+    def sync(self, model: torch.nn.Module, version: int = 0) -> dict[str, float]:
         """The buckets straight into vLLM's model, in this process. Not through vLLM's in-process RL API
         (`LLM.init_weight_transfer_engine` / `update_weights`): its in-process backend, `ipc`, shares CUDA memory
         handles and needs a GPU, and a broadcast backend would be a process group of this process with itself;

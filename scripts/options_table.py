@@ -40,7 +40,7 @@ def options(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             yield from options(sub, f"{prefix}{name}{'[]' if many else ''}.")
         else:
-            yield prefix + name, f
+            yield prefix + (f.alias or name), f
 
 
 def constraints(metadata: list[Any]) -> list[str]:

@@ -103,3 +103,16 @@ def _numbers(obj) -> list[float]:
     if isinstance(obj, list):
         return [x for v in obj for x in _numbers(v)]
     return [float(obj)] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_server_mode_benchmark_runs(tmp_path, vllm_tiny_dir):
+    out = tmp_path / "r.json"
+    _run("server_mode.py", "--steps", "2", "--model", str(vllm_tiny_dir), "--json", str(out), "data.num_train=64",
+         "data.num_eval=8", "rollout.prompts_per_step=2", "rollout.num_generations=4", "rollout.max_new_tokens=6",
+         "optim.micro_batch_size=4")
+    res = json.loads(out.read_text())
+    assert res["sync"]["time/step"] > 0 and res["async"]["time/wait_rollout"] >= 0
+    assert res["expected_speedup_on_separate_devices"] >= 1.0

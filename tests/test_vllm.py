@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -206,7 +207,9 @@ def test_server_mode_end_to_end(tmp_path, vllm_tiny_dir):
             assert r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 and r["grad_norm"] > 0
             assert r["logprob_mismatch/mean_abs"] < 1e-3
         assert "eval/accuracy" in m[0]
-        assert request(url, "/weight_info", None, 10)["weight_version"] == "3"  # the initial sync, one per step
+        assert request(url, "/weight_info", None, 10)["weight_version"] == "2"  # the initial sync is 0, one per step
+        records = pd.read_parquet(run / "rollouts")
+        assert sorted(set(zip(records["step"], records["policy_version"], strict=True))) == [(1, 0), (2, 1)]
         # the server is a plain vLLM server: any OpenAI client can use it (here with text in and text out)
         answer = request(url, "/v1/completions", {"prompt": "2 + 3 =", "max_tokens": 3}, 60)
         assert isinstance(answer["choices"][0]["text"], str) and answer["usage"]["completion_tokens"] >= 1
@@ -302,6 +305,46 @@ def test_lengths_beyond_the_model(tmp_path, vllm_tiny_dir, override, message):
 def test_server_mode_without_servers_is_named(tmp_path, vllm_tiny_dir):
     p = run_cli(tiny_overrides(vllm_tiny_dir, tmp_path / "run", **{"rollout.engine": "vllm_server"}))
     assert p.returncode == 2 and "rollout.vllm.servers: required with rollout.engine=vllm_server" in p.stderr
+
+
+@pytest.mark.slow
+def test_async_rollouts_overlap_and_resume_in_data_order(tmp_path, vllm_tiny_dir):
+    """rollout.async: each step after the first trains on groups the server sampled during the previous update
+    (one weight version behind, within max_staleness, none dropped), with requests in flight during an update
+    kept or aborted and resent; the prompts of every step are those of a synchronous run; resumed from the step-2
+    checkpoint (written while step 3's generation was in flight), a run takes step 3's prompts again and
+    regenerates them, so the data order is unchanged."""
+    import shutil
+
+    with _server(vllm_tiny_dir, tmp_path) as url:
+        runs = {}
+        for name, extra in {"sync": {}, "async": {"rollout.async": True},
+                            "abort": {"rollout.async": True, "rollout.async_pause": "abort"}}.items():
+            p = _server_run(vllm_tiny_dir, tmp_path / name, url, steps=3, **extra)
+            assert p.returncode == 0, p.stderr[-3000:]
+            runs[name] = pd.read_parquet(tmp_path / name / "rollouts")
+        # the async run's step-2 checkpoint was written with step 3's generation in flight: resume from it alone
+        halted = tmp_path / "resumed"
+        shutil.copytree(tmp_path / "async" / "checkpoints" / "step-000002", halted / "checkpoints" / "step-000002")
+        p = _server_run(vllm_tiny_dir, halted, url, steps=3, **{"rollout.async": True})
+        assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
+        runs["resumed"] = pd.read_parquet(halted / "rollouts")
+    m = metrics(tmp_path / "async")
+    assert all("time/wait_rollout" in r and r["rollout/stale_groups"] == 0 for r in m if r["step"] > 0)
+    assert all(r["sync/checksum_ok"] == 1.0 for r in m if r["step"] > 0)
+
+    def versions(df):
+        return sorted(set(zip(df["step"], df["policy_version"], strict=True)))
+
+    assert versions(runs["sync"]) == [(1, 0), (2, 1), (3, 2)]
+    assert versions(runs["async"]) == versions(runs["abort"]) == [(1, 0), (2, 0), (3, 1)]
+    assert versions(runs["resumed"]) == [(3, 2)]  # step 3 regenerated after the resume, from the step-2 weights
+
+    def prompts(df, steps=(1, 2, 3)):
+        return [sorted(df[df["step"] == k]["prompt_id"]) for k in steps]
+
+    assert prompts(runs["async"]) == prompts(runs["sync"]) == prompts(runs["abort"])
+    assert prompts(runs["resumed"], [3]) == prompts(runs["async"], [3])
 
 
 @pytest.mark.slow
