@@ -120,9 +120,10 @@ class DataConfig(_Section):
 
 class VLLMConfig(_Section):
     """vLLM engines. `vllm`: colocated, in the trainer process (sleeps during the update on CUDA).
-    `vllm_server`: servers started with `grpo serve` (other GPUs or nodes); weights go to them over a process group
-    (NCCL on GPUs, gloo on CPU). After every sync the engine's weights are checksummed against the trainer's and a
-    canary compares the engine's logprobs on a fixed probe sequence with the trainer's."""
+    `vllm_server`: `vllm serve` processes started with `grpo serve` (other GPUs or nodes); weights go to them through
+    vLLM's weight-transfer API over a process group (NCCL on GPUs, gloo on CPU). After every sync the engine's
+    weights are checksummed against the trainer's and a canary compares the engine's logprobs on a fixed probe
+    sequence with the trainer's."""
 
     gpu_memory_utilization: Num = Field(0.3, gt=0, le=1, description="colocated share of each GPU; servers: 0.9")
     kv_cache_gib: Num = Field(1.0, gt=0, description="CPU: KV cache size")

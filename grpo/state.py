@@ -142,7 +142,7 @@ def build_rollout(cfg: Config, model: torch.nn.Module, tok, model_path: str, dev
     if cfg.rollout.engine == "vllm":
         return VLLMEngine(cfg, model_path, tok, device, rank, world, stop_ids(tok, model), probe,
                           getattr(model.config, "max_position_embeddings", None))
-    from grpo.serve import ServerEngine, ServerError
+    from grpo.server_client import ServerEngine, ServerError
 
     if not cfg.rollout.vllm.servers:  # checked here, not in the recipe: launchers (multinode.slurm) fill it in
         raise ConfigError("rollout.vllm.servers: required with rollout.engine=vllm_server (the URLs `grpo serve` "

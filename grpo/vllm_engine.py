@@ -5,7 +5,7 @@ Two ways to drive vLLM, behind the same interface as `HFEngine` (`generate`, `sy
   trainer's parameters are streamed into vLLM's model in buckets (under ZeRO-3 one bucket is gathered at a time,
   so the full model is never materialised twice); on CUDA the engine sleeps while the trainer updates (level 2:
   its weights are discarded, as the sync rewrites them all).
-- `grpo.serve.ServerEngine`: vLLM servers on other GPUs or nodes (see `grpo/serve.py`).
+- `grpo.server_client.ServerEngine`: `vllm serve` processes on other GPUs or nodes (started by `grpo serve`).
 
 Every sync is checked twice, because a silently stale or mangled engine trains the policy on samples from a
 different model: (1) a checksum (sum and sum of squares, in float64) of the weights the engine holds against the

@@ -49,7 +49,7 @@ class BroadcastWeightTransferEngine(WeightTransferEngine[BroadcastInitInfo, Broa
     supports_draft_weight_update = False
 
     def init_transfer_engine(self, init_info: BroadcastInitInfo) -> None:
-        from grpo.serve import weight_group
+        from grpo.server_client import weight_group
 
         self.group, self.store = weight_group(init_info.host, init_info.port, init_info.rank, init_info.world,
                                               init_info.backend, init_info.timeout)

@@ -194,7 +194,7 @@ def _server_run(model_dir: Path, run: Path, url: str, launcher: list[str] | None
 
 def test_server_mode_end_to_end(tmp_path, vllm_tiny_dir):
     """A server process and a trainer process on localhost: two steps, weights synced and checked each time."""
-    from grpo.serve import request
+    from grpo.server_client import request
 
     with _server(vllm_tiny_dir, tmp_path) as url:
         run = tmp_path / "run"
@@ -220,7 +220,7 @@ def test_server_sync_checks_catch_corruption_and_a_dead_server(tmp_path, vllm_ti
     computation, a sync reaches the server (checksum and canary), a bucket corrupted on the way is caught by the
     checksum, zeroed embeddings by the canary, a clean sync repairs the server, and a killed server is an error
     naming its URL within the deadline."""
-    from grpo import serve
+    from grpo import server_client as serve
     from grpo.config import load_config
     from grpo.model import load_model, load_tokenizer
     from grpo.rollout import SamplingParams, stop_ids

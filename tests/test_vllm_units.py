@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from grpo import serve
+from grpo import serve, server_client
 from grpo.config import load_config
 
 pytestmark = pytest.mark.unit
@@ -37,15 +37,15 @@ def test_vllm_serve_command_carries_the_recipe():
 def test_completions_are_read_prompt_major():
     choices = [{"token_ids": [5 + i, 2], "logprobs": {"token_logprobs": [-0.5 - i, -0.1]},
                 "finish_reason": "stop" if i % 2 else "length"} for i in range(6)]
-    got = serve.samples_from(choices, 2, 3)
+    got = server_client.samples_from(choices, 2, 3)
     assert [[s["ids"][0] for s in g] for g in got] == [[5, 6, 7], [8, 9, 10]]
     assert got[1][0] == {"ids": [8, 2], "logprobs": [-3.5, -0.1], "finish_reason": "stop"}
-    with pytest.raises(serve.ServerError, match="expected 4 completions, got 6"):
-        serve.samples_from(choices, 2, 2)
+    with pytest.raises(server_client.ServerError, match="expected 4 completions, got 6"):
+        server_client.samples_from(choices, 2, 2)
     choices[0]["logprobs"]["token_logprobs"] = [-0.5]
-    with pytest.raises(serve.ServerError, match="1 logprobs for 2 tokens"):
-        serve.samples_from(choices, 2, 3)
-    body = serve.completion_body([[1, 2]], 3, serve.SamplingParams(8, greedy=True), [2])
+    with pytest.raises(server_client.ServerError, match="1 logprobs for 2 tokens"):
+        server_client.samples_from(choices, 2, 3)
+    body = server_client.completion_body([[1, 2]], 3, server_client.SamplingParams(8, greedy=True), [2])
     assert body["temperature"] == 0.0 and body["top_k"] == 0 and body["return_token_ids"] and body["logprobs"] == 0
 
 
@@ -106,7 +106,7 @@ def test_colocated_engine_discards_weights_in_release_and_refuses_to_generate_be
 
 def test_server_that_stops_answering_mid_request(tmp_path):
     """A server that accepts the connection and never replies: the client's deadline turns it into an error."""
-    from grpo.serve import ServerError, request
+    from grpo.server_client import ServerError, request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

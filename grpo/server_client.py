@@ -1,0 +1,277 @@
+"""Server mode, the trainer's side: `vllm serve` processes (started by `grpo serve`, grpo/serve.py) on other GPUs
+or nodes.
+
+The servers are plain `vllm serve` processes (`grpo serve` only fills in the model, ports and settings from the
+recipe): generation goes to their OpenAI-compatible /v1/completions (token ids in, token ids and sampled logprobs
+out), so eval harnesses and chat clients can use the same servers. Weights go through vLLM's RL endpoints and
+weight-transfer API, with our `grpo_broadcast` backend (grpo/vllm_plugin.py) underneath: a torch.distributed
+group of the trainer's rank 0 and every server (NCCL between GPUs, gloo on CPU, so CI runs the same path), built
+from a TCPStore on the trainer, outside the trainer's own default group. After each sync every server's weights
+are checksummed (through vLLM's /collective_rpc into our worker extension) and its logprobs of a fixed probe
+compared with the trainer's.
+
+Every wait has a deadline (`rollout.vllm.timeout`): a dead or wedged server is an error that names it, not a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from grpo import collectives as coll
+from grpo.config import Config
+from grpo.rollout import Completion, SamplingParams
+from grpo.vllm_engine import SyncCheck, SyncError, canary_diff, completions, judge, trainer_probe_logprobs
+from grpo.weights import checksum, weight_buckets
+
+log = logging.getLogger("grpo")
+
+
+class ServerError(RuntimeError):
+    """A generation server did not answer, or answered with an error; the message names it."""
+
+
+def weight_group(host: str, port: int, rank: int, world: int, backend: str, timeout: float):
+    """A process group of the trainer (rank 0, which hosts the store) and the servers, independent of any
+    default group."""
+    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout),
+                          wait_for_workers=False)
+    store = dist.PrefixStore("grpo-weights", store)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world), store
+    return dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=timeout)), store
+
+
+def flat_buckets(tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, list[tuple[str, list[int]]]]]:
+    """Group a bucket's tensors by dtype (one broadcast each): [(dtype, [(name, shape), ...]), ...]."""
+    by: dict[str, list[tuple[str, list[int]]]] = {}
+    for name, t in tensors:
+        by.setdefault(str(t.dtype).removeprefix("torch."), []).append((name, list(t.shape)))
+    return list(by.items())
+
+
+def request(url: str, route: str, body: dict[str, Any] | None, timeout: float) -> Any:
+    """GET (body None) or POST JSON to a server; its JSON answer (None when empty). Errors name the server."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url.rstrip("/") + route, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:1000]
+        raise ServerError(f"vLLM server {url}{route} answered {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise ServerError(f"vLLM server {url} did not answer {route.split('?')[0]} within {timeout:g} s: {reason} "
+                          "(is `grpo serve` running there? see rollout.vllm.servers)") from None
+
+
+def _parallel(fns: list) -> list[Any]:
+    """Run the callables in threads; re-raise the first error after all are done."""
+    results: list[Any] = [None] * len(fns)
+    errors: list[BaseException | None] = [None] * len(fns)
+
+    def run(i):
+        try:
+            results[i] = fns[i]()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def completion_body(prompts: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int]) -> dict[str, Any]:
+    """An OpenAI-compatible /v1/completions request: token ids in; token ids and the sampled tokens' logprobs (after
+    temperature and top-p: the servers run with --logprobs-mode processed_logprobs) out."""
+    return {"prompt": prompts, "n": n, "max_tokens": params.max_new_tokens,
+            "temperature": 0.0 if params.greedy else params.temperature,
+            "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else -1,
+            "stop_token_ids": stop_ids, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True}
+
+
+def samples_from(choices: list[dict[str, Any]], num_prompts: int, n: int) -> list[list[dict[str, Any]]]:
+    """The choices of a completions answer (prompt-major, n per prompt) as per-prompt sample dicts."""
+    if len(choices) != num_prompts * n:
+        raise ServerError(f"expected {num_prompts * n} completions, got {len(choices)}")
+    out = []
+    for c in choices:
+        ids = list(c["token_ids"])
+        lps = [float(x) for x in (c.get("logprobs") or {}).get("token_logprobs") or []]
+        if len(lps) != len(ids):
+            raise ServerError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
+        out.append({"ids": ids, "logprobs": lps, "finish_reason": "stop" if c["finish_reason"] == "stop" else "length"})
+    return [out[i * n : (i + 1) * n] for i in range(num_prompts)]
+
+
+class ServerEngine:
+    """The trainer's side of server mode: prompts are split over `vllm serve` processes (whole groups each); after
+    each update rank 0 pauses them, streams the weights through vLLM's weight-transfer API (our `grpo_broadcast`
+    backend, grpo/vllm_plugin.py), resumes them, and checks what each holds (checksum and canary)."""
+
+    def __init__(self, cfg: Config, tok, rank: int, world: int, stop_ids: list[int], probe: list[int]):
+        v = cfg.rollout.vllm
+        self.cfg, self.tok, self.rank, self.world = cfg, tok, rank, world
+        self.urls = list(v.servers)
+        self.stop_ids, self.probe = stop_ids, probe
+        self.timeout = v.timeout
+        self.zero3 = cfg.deepspeed.zero_stage == 3
+        # the optimizer steps the servers' weights include (set by each sync); a completion records the version it
+        # was requested at
+        self.version = 0
+        # async rollouts: requests in flight during an update are kept (finish on the new weights) or aborted (and
+        # sent again); otherwise the update waits for them
+        self.pause_mode = cfg.rollout.async_pause if cfg.rollout.async_ else "wait"
+        for url in self.urls:
+            request(url, "/health", None, min(self.timeout, 30.0))
+        self.group = None
+        if rank == 0:
+            self._init_group()
+
+    def _init_group(self) -> None:
+        v = self.cfg.rollout.vllm
+        host = v.sync_host or ("127.0.0.1" if all(_is_local(u) for u in self.urls) else socket.gethostname())
+        self.backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
+        world = len(self.urls) + 1
+        info = {"host": host, "port": v.sync_port, "world": world, "backend": self.backend, "timeout": self.timeout}
+        calls = [lambda i=i, u=u: request(u, "/init_weight_transfer_engine",
+                                          {"init_info": {**info, "rank": i + 1}}, self.timeout)
+                 for i, u in enumerate(self.urls)]
+        calls.append(lambda: weight_group(host, v.sync_port, 0, world, self.backend, self.timeout))
+        *_, (self.group, self.store) = _parallel(calls)
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        k = len(self.urls)
+        # Contiguous shares keep a rank's prompts in order; a server gets whole groups (its prefix cache reuses
+        # each prompt for the group's n samples), and vLLM batches the requests of all ranks that arrive together.
+        shares = [prompts[i * len(prompts) // k : (i + 1) * len(prompts) // k] for i in range(k)]
+        calls = [lambda u=u, s=s: self._complete(u, s, n, params) if s else (0, [])
+                 for u, s in zip(self.urls, shares, strict=True)]
+        out: list[list[Completion]] = []
+        for share, (version, choices) in zip(shares, _parallel(calls), strict=True):
+            for p, samples in zip(share, samples_from(choices, len(share), n), strict=True):
+                out.append(completions(p, samples, self.tok))
+                for c in out[-1]:
+                    c.version = version
+        return out
+
+    def _complete(self, url: str, prompts: list[list[int]], n: int, params: SamplingParams) -> tuple[int, list]:
+        """One server's share, sent again when a weight update aborted it (rollout.async_pause=abort); returns the
+        weight version it was sent at and the choices."""
+        while True:
+            version = self.version
+            choices = request(url, "/v1/completions", completion_body(prompts, n, params, self.stop_ids),
+                              self.timeout)["choices"]
+            if not any(c.get("finish_reason") == "abort" for c in choices):
+                return version, choices
+
+    def release(self) -> None:
+        """Nothing to free here: the servers run on other GPUs."""
+
+    def sync(self, model: torch.nn.Module, version: int = 0) -> dict[str, float]:
+        """Every rank walks the buckets (ZeRO-3 gathers are collective); rank 0 streams them to the paused servers,
+        then checks each server's checksum and canary. The verdict is shared so all ranks stop together."""
+        sent = [0.0, 0.0]
+        bucket_bytes = self.cfg.rollout.vllm.sync_bucket_mb * 2**20
+        failure: Exception | None = None
+        if self.rank == 0:
+            try:  # in-flight requests finish first; the prefix cache (KV of the old weights) is dropped
+                self._all(f"/pause?mode={self.pause_mode}&clear_cache=true")
+                self._all("/start_weight_update")
+            except ServerError as e:
+                failure = e
+        for bucket in weight_buckets(model, bucket_bytes, self.zero3):
+            if self.rank != 0 or failure is not None:
+                continue  # keep walking: the other ranks' ZeRO-3 gathers wait for this one
+            s, q = checksum(t for _, t in bucket)
+            sent[0] += s
+            sent[1] += q
+            try:
+                self._send(bucket)
+            except (ServerError, RuntimeError) as e:  # a server died mid-sync: report it once every rank is here
+                failure = e
+        if self.rank == 0 and failure is None:
+            try:
+                self.version = version
+                self._all("/finish_weight_update", {"weight_version": str(version)})
+                self._all("/reset_prefix_cache")  # (a pause that keeps requests does not clear it)
+                self._all("/resume")
+            except ServerError as e:
+                failure = e
+        trainer_lp = trainer_probe_logprobs(model, self.probe)  # every rank: under ZeRO-3 it is collective
+        verdict: list[Any] = [failure]
+        if self.rank == 0 and failure is None:
+            try:
+                verdict[0] = self._check(trainer_lp, (sent[0], sent[1]))
+            except (SyncError, ServerError) as e:
+                verdict[0] = e
+        if self.world > 1:
+            verdict[0] = coll.broadcast_object(verdict[0])
+        if isinstance(verdict[0], BaseException):
+            raise verdict[0]
+        self.version = version  # every rank: its completions record it
+        return verdict[0]
+
+    def _all(self, route: str, body: dict[str, Any] | None = None) -> None:
+        _parallel([lambda u=u: request(u, route, body or {}, self.timeout) for u in self.urls])
+
+    def _send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """One bucket: each server's /update_weights (which receives) while rank 0 broadcasts, one flat tensor per
+        dtype in the order the update info lists them."""
+        groups = flat_buckets(bucket)
+        dev = "cuda" if self.backend == "nccl" else "cpu"
+        calls = [lambda u=u: request(u, "/update_weights", {"update_info": {"groups": groups}}, self.timeout)
+                 for u in self.urls]
+
+        def broadcast():
+            tensors = dict(bucket)
+            for _, entries in groups:
+                flat = torch.cat([tensors[name].reshape(-1) for name, _ in entries]).to(dev)
+                work = self.group.broadcast(flat, 0)
+                if not work.wait(timedelta(seconds=self.timeout)):
+                    raise ServerError(f"weight broadcast to {self.urls} did not finish in {self.timeout:g} s")
+
+        _parallel([*calls, broadcast])
+
+    def _check(self, trainer_lp: list[float], sent: tuple[float, float]) -> dict[str, float]:
+        """Each server's checksum (through vLLM's /collective_rpc into our worker extension) and its logprobs of
+        the probe (prompt logprobs of a completions request) against the trainer's; the worst server's figures."""
+        worst = None
+        for url in self.urls:
+            held = request(url, "/collective_rpc", {"method": "grpo_checksum"}, self.timeout)["results"][0]
+            probe = request(url, "/v1/completions", {"prompt": self.probe, "max_tokens": 1, "temperature": 1.0,
+                                                     "prompt_logprobs": 0}, self.timeout)
+            steps = probe["choices"][0]["prompt_logprobs"][1:]
+            engine_lp = [float(step[str(t)]["logprob"]) for step, t in zip(steps, self.probe[1:], strict=True)]
+            mean_abs, max_abs = canary_diff(engine_lp, trainer_lp)
+            check = SyncCheck(sent, (float(held[0]), float(held[1])), mean_abs, max_abs)
+            judge(check, self.cfg, f"vLLM server {url}")
+            if worst is None or not mean_abs <= worst.canary_mean_abs:
+                worst = check
+        return worst.metrics()
+
+
+def _is_local(url: str) -> bool:
+    host = urllib.parse.urlparse(url).hostname or ""
+    return host in ("localhost", "127.0.0.1", "::1")
