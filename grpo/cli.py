@@ -50,7 +50,8 @@ def _check_rewards(a) -> int:
 def _serve(a) -> int:
     from grpo.serve import serve
 
-    serve(load_config(a.recipe, a.overrides), a.host, a.port, a.ready_file)
+    # a server is server mode whatever the recipe's engine says (rollout.async and friends validate against it)
+    serve(load_config(a.recipe, [*a.overrides, "rollout.engine=vllm_server"]), a.host, a.port, a.ready_file)
     return 0
 
 

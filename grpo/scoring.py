@@ -164,11 +164,12 @@ def collect_async(cfg, engine: RolloutEngine, prompts: PromptSet, rewards: list[
         pending = start_prefetch(cfg, engine, prompts, sampler, rank, prompts_per_rank)
     with timer("wait_rollout"):
         comps = pending.wait()
+    state = TrainerState(step, cfg.steps, sampler.epoch + sampler.pos / max(sampler.size, 1))  # as in sync mode
     nxt = start_prefetch(cfg, engine, prompts, sampler, rank, prompts_per_rank) if step < cfg.steps else None
     with timer("score"):
-        state = TrainerState(step, cfg.steps, sampler.epoch + sampler.pos / max(sampler.size, 1))
         groups, errors, timeouts = score_groups(pending.rows, comps, rewards, prompts, pool, state)
         with_advantages(groups, cfg.algo.advantage)
-    stale = stale_groups(groups, getattr(engine, "version", 0), cfg.rollout.max_staleness)
+    # (a rank that drops groups trains on fewer: every rank still runs grad_accum micro-steps, see grpo/update.py)
+    stale = stale_groups(groups, engine.version, cfg.rollout.max_staleness)  # (server mode: it has versions)
     kept = [g for g, s in zip(groups, stale, strict=True) if not s]
     return Rollouts(kept, 1, errors, timeouts, sum(stale)), nxt

@@ -32,7 +32,10 @@ def vllm_serve_command(cfg: Config, model_path: str, device: str, host: str, por
     cmd = [sys.executable, "-m", "grpo.vllm_cli", "serve", kw.pop("model"), "--host", host,
            "--port", str(port), "--weight-transfer-config", json.dumps({"backend": "grpo_broadcast"}),
            "--worker-extension-cls", "grpo.vllm_plugin.GrpoWorkerExtension", "--disable-log-stats",
-           "--uvicorn-log-level", "warning"]
+           "--uvicorn-log-level", "warning",
+           # vLLM's own sampling defaults, not the model's generation_config.json (a Qwen's repetition_penalty
+           # would otherwise apply to every rollout here and to none in the other engines)
+           "--generation-config", "vllm"]
     for key, value in kw.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -53,30 +56,34 @@ def serve(cfg: Config, host: str, port: int, ready_file: str | None = None) -> N
     from transformers import AutoConfig
 
     from grpo.engine import pick_device
-    from grpo.model import resolve_model_path
+    from grpo.model import hub_kwargs, resolve_model_path
 
     device = pick_device(cfg.device)
     model_path = resolve_model_path(cfg.model.path)
-    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    model_cfg = AutoConfig.from_pretrained(model_path, **hub_kwargs(model_path, cfg.model.revision,
+                                                                    cfg.model.trust_remote_code))
+    limit = getattr(model_cfg, "max_position_embeddings", None)
     if port == 0:
         with socket.socket() as sk:
             sk.bind(("", 0))
             port = sk.getsockname()[1]
     cmd, env = vllm_serve_command(cfg, model_path, device, host, port, limit)
-    url = f"http://{socket.gethostname() if host in ('0.0.0.0', '') else host}:{port}"
+    anywhere = host in ("0.0.0.0", "")
+    url = f"http://{socket.gethostname() if anywhere else host}:{port}"
+    local = f"http://127.0.0.1:{port}" if anywhere else url
     proc = subprocess.Popen(cmd, env=env)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # slurm's and Ctrl-C's: passed on to vLLM
+    # slurm's and Ctrl-C's signals go on to vLLM; slurm's preemption warning (USR1) is the trainer's business, and
+    # vLLM, which has no handler for it, would die of it mid-step
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _f: proc.send_signal(signum))
-    deadline = time.monotonic() + cfg.rollout.vllm.timeout
+    # no deadline of our own: a large model's first start (download, compile) takes what it takes; the caller
+    # (slurm/multinode.slurm, the tests) decides how long to wait
     while proc.poll() is None:
         try:
-            request(url, "/health", None, 5.0)
+            request(local, "/health", None, 5.0)
             break
         except ServerError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise ServerError(f"vllm serve did not become ready at {url} within "
-                                  f"{cfg.rollout.vllm.timeout:g} s") from None
             time.sleep(1.0)
     if proc.poll() is not None:
         raise ServerError(f"vllm serve exited with status {proc.returncode} before it was ready (its log is above)")
@@ -84,4 +91,5 @@ def serve(cfg: Config, host: str, port: int, ready_file: str | None = None) -> N
     if ready_file:
         with open(ready_file, "a") as f:
             f.write(url + "\n")
-    raise SystemExit(proc.wait())
+    code = proc.wait()
+    raise SystemExit(code if code >= 0 else 128 - code)  # a signal's death as the shell reports it

@@ -15,6 +15,7 @@ Every wait has a deadline (`rollout.vllm.timeout`): a dead or wedged server is a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -105,7 +106,9 @@ def completion_body(prompts: list[list[int]], n: int, params: SamplingParams, st
     temperature and top-p: the servers run with --logprobs-mode processed_logprobs) out."""
     return {"prompt": prompts, "n": n, "max_tokens": params.max_new_tokens,
             "temperature": 0.0 if params.greedy else params.temperature,
-            "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else -1,
+            "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else -1, "min_p": 0.0,
+            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,  # whatever the server's
+            # defaults: the distribution sampled is the trainer's, after temperature and top-p only
             "stop_token_ids": stop_ids, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True}
 
 
@@ -157,6 +160,10 @@ class ServerEngine:
                                           {"init_info": {**info, "rank": i + 1}}, self.timeout)
                  for i, u in enumerate(self.urls)]
         calls.append(lambda: weight_group(host, v.sync_port, 0, world, self.backend, self.timeout))
+        for url in self.urls:  # a trainer killed mid-update leaves its server paused inside an update: end both
+            for route in ("/finish_weight_update", "/resume"):
+                with contextlib.suppress(ServerError):  # (the usual case: no update open, nothing paused)
+                    request(url, route, {}, self.timeout)
         *_, (self.group, self.store) = _parallel(calls)
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
@@ -179,12 +186,13 @@ class ServerEngine:
     def _complete(self, url: str, prompts: list[list[int]], n: int, params: SamplingParams) -> tuple[int, list]:
         """One server's share, sent again when a weight update aborted it (rollout.async_pause=abort); returns the
         weight version it was sent at and the choices."""
-        while True:
+        for _ in range(5):
             version = self.version
             choices = request(url, "/v1/completions", completion_body(prompts, n, params, self.stop_ids),
                               self.timeout)["choices"]
-            if not any(c.get("finish_reason") == "abort" for c in choices):
+            if self.pause_mode != "abort" or not any(c.get("finish_reason") == "abort" for c in choices):
                 return version, choices
+        raise ServerError(f"vLLM server {url} aborted the same request 5 times (is it shutting down?)")
 
     def release(self) -> None:
         """Nothing to free here: the servers run on other GPUs."""
@@ -196,7 +204,7 @@ class ServerEngine:
         bucket_bytes = self.cfg.rollout.vllm.sync_bucket_mb * 2**20
         failure: Exception | None = None
         if self.rank == 0:
-            try:  # in-flight requests finish first; the prefix cache (KV of the old weights) is dropped
+            try:  # in-flight requests finish first (wait), or are held (keep) or aborted (abort) during the update
                 self._all(f"/pause?mode={self.pause_mode}&clear_cache=true")
                 self._all("/start_weight_update")
             except ServerError as e:
@@ -215,7 +223,7 @@ class ServerEngine:
             try:
                 self.version = version
                 self._all("/finish_weight_update", {"weight_version": str(version)})
-                self._all("/reset_prefix_cache")  # (a pause that keeps requests does not clear it)
+                self._reset_prefix_cache()  # KV blocks of the old weights (the pause clears it too: a safety net)
                 self._all("/resume")
             except ServerError as e:
                 failure = e
@@ -233,14 +241,20 @@ class ServerEngine:
         self.version = version  # every rank: its completions record it
         return verdict[0]
 
-    def _all(self, route: str, body: dict[str, Any] | None = None) -> None:
-        _parallel([lambda u=u: request(u, route, body or {}, self.timeout) for u in self.urls])
+    def _all(self, route: str, body: dict[str, Any] | None = None) -> list[Any]:
+        return _parallel([lambda u=u: request(u, route, body or {}, self.timeout) for u in self.urls])
+
+    def _reset_prefix_cache(self) -> None:
+        for url, r in zip(self.urls, self._all("/reset_prefix_cache"), strict=True):
+            if isinstance(r, dict) and r.get("success") is False:
+                raise ServerError(f"vLLM server {url} could not reset its prefix cache after a weight update")
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         """One bucket: each server's /update_weights (which receives) while rank 0 broadcasts, one flat tensor per
         dtype in the order the update info lists them."""
         groups = flat_buckets(bucket)
-        dev = "cuda" if self.backend == "nccl" else "cpu"
+        # this thread's device, not the broadcast thread's (CUDA's current device is per thread, 0 in a new one)
+        dev = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         calls = [lambda u=u: request(u, "/update_weights", {"update_info": {"groups": groups}}, self.timeout)
                  for u in self.urls]
 

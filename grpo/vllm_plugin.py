@@ -82,7 +82,7 @@ class GrpoWorkerExtension:
 
     def grpo_checksum(self) -> list[float]:
         """(sum, sum of squares) of every parameter the engine holds, for the post-sync check."""
-        return list(checksum(self.model_runner.model.parameters()))
+        return list(checksum(self.model_runner.get_model().parameters()))
 
 
 def register() -> None:

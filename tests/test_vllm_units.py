@@ -30,7 +30,7 @@ def test_vllm_serve_command_carries_the_recipe():
     assert flag("--kv-cache-memory-bytes") == str(2**29) and flag("--logprobs-mode") == "processed_logprobs"
     assert json.loads(flag("--weight-transfer-config")) == {"backend": "grpo_broadcast"}
     assert flag("--worker-extension-cls") == "grpo.vllm_plugin.GrpoWorkerExtension"
-    assert "--enforce-eager" in cmd and "--enable-prefix-caching" in cmd
+    assert "--enforce-eager" in cmd and "--enable-prefix-caching" in cmd and flag("--generation-config") == "vllm"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
 
 
@@ -47,6 +47,7 @@ def test_completions_are_read_prompt_major():
         server_client.samples_from(choices, 2, 3)
     body = server_client.completion_body([[1, 2]], 3, server_client.SamplingParams(8, greedy=True), [2])
     assert body["temperature"] == 0.0 and body["top_k"] == 0 and body["return_token_ids"] and body["logprobs"] == 0
+    assert body["repetition_penalty"] == 1.0 and body["presence_penalty"] == body["min_p"] == 0.0
 
 
 def test_colocated_engine_empties_the_cuda_cache_before_waking(monkeypatch):
