@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +19,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slurm,
 
 
 def dry_run(nodes: str, gpus: int | None, **env: str) -> subprocess.CompletedProcess:
+    # scontrol reads a slurm.conf even to expand a host list: a minimal one, so these tests need no running
+    # cluster (before, they passed only after tests/test_slurm.py had written /etc/slurm/slurm.conf)
+    conf = Path(tempfile.gettempdir()) / "grpo-dry-run-slurm.conf"
+    conf.write_text("ClusterName=dryrun\nSlurmctldHost=localhost\n")
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GRPO_", "CUDA_VISIBLE"))}
     e.update({"SLURM_JOB_NODELIST": nodes, "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(ROOT), "GRPO_DRY_RUN": "1",
-              "GRPO_PYTHON": sys.executable, **env})
+              "GRPO_PYTHON": sys.executable, "SLURM_CONF": str(conf), **env})
     if gpus is not None:
         e["SLURM_GPUS_ON_NODE"] = str(gpus)
     return subprocess.run(["bash", "slurm/multinode.slurm", "recipes/smollm2-135m-arith.yaml"], cwd=ROOT, env=e,
