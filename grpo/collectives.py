@@ -4,7 +4,7 @@ NCCL's default group takes CUDA tensors only: an all-reduce of a CPU tensor fail
 with device type cpu" (gloo, on CPU, takes CPU tensors). So the small values the loop agrees on (sums of
 statistics, a stop flag, a checkpoint verdict) are put on `backend_device()` before the collective and read back
 after it. `tests/test_collectives.py` checks that no other module calls a `torch.distributed` collective directly.
-(The weight broadcast to vLLM servers runs on its own process group with its own device rules: `grpo/server_client.py`.)
+(The weight broadcast to vLLM servers runs on its own process group with its own device rules: `grpo/transfer.py`.)
 """
 
 from __future__ import annotations

@@ -135,6 +135,9 @@ class VLLMConfig(_Section):
     sync_host: Str | None = Field(None, description="address the servers reach the trainer at (default: hostname)")
     sync_port: int = Field(51216, description="TCP port of the weight-sync rendezvous on the trainer's rank 0")
     sync_bucket_mb: int = Field(256, gt=0, description="weights are gathered and sent in buckets of this size")
+    weight_transfer: Literal["auto", "nccl", "grpo_broadcast"] = Field(
+        "auto", description="vllm_server: vLLM's weight-transfer backend; auto: nccl on GPUs, grpo_broadcast (gloo, "
+        "ours) on CPU. The trainer and `grpo serve` must agree")
     timeout: Num = Field(600.0, gt=0, description="seconds for a request to a server or a collective with it")
     canary: Literal["error", "warn", "off"] = Field("error", description="what a failed sync check does")
     canary_tolerance: Num | None = Field(None, gt=0, description="max mean |engine - trainer| probe logprob; null: "

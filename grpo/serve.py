@@ -26,11 +26,13 @@ def vllm_serve_command(cfg: Config, model_path: str, device: str, host: str, por
                        model_limit: int | None) -> tuple[list[str], dict[str, str]]:
     """The `vllm serve` command line and environment for a recipe: the same engine settings as the colocated
     engine (grpo.vllm_engine.llm_kwargs), our weight-transfer backend, and vLLM's RL endpoints switched on."""
+    from grpo.transfer import resolve_backend
     from grpo.vllm_engine import llm_kwargs
 
     kw = llm_kwargs(cfg, model_path, device, cfg.seed, False, model_limit)
+    backend = resolve_backend(cfg.rollout.vllm.weight_transfer, device)
     cmd = [sys.executable, "-m", "grpo.vllm_cli", "serve", kw.pop("model"), "--host", host,
-           "--port", str(port), "--weight-transfer-config", json.dumps({"backend": "grpo_broadcast"}),
+           "--port", str(port), "--weight-transfer-config", json.dumps({"backend": backend}),
            "--worker-extension-cls", "grpo.vllm_plugin.GrpoWorkerExtension", "--disable-log-stats",
            "--uvicorn-log-level", "warning",
            # vLLM's own sampling defaults, not the model's generation_config.json (a Qwen's repetition_penalty

@@ -3,12 +3,10 @@ or nodes.
 
 The servers are plain `vllm serve` processes (`grpo serve` only fills in the model, ports and settings from the
 recipe): generation goes to their OpenAI-compatible /v1/completions (token ids in, token ids and sampled logprobs
-out), so eval harnesses and chat clients can use the same servers. Weights go through vLLM's RL endpoints and
-weight-transfer API, with our `grpo_broadcast` backend (grpo/vllm_plugin.py) underneath: a torch.distributed
-group of the trainer's rank 0 and every server (NCCL between GPUs, gloo on CPU, so CI runs the same path), built
-from a TCPStore on the trainer, outside the trainer's own default group. After each sync every server's weights
-are checksummed (through vLLM's /collective_rpc into our worker extension) and its logprobs of a fixed probe
-compared with the trainer's.
+out), so eval harnesses and chat clients can use the same servers. Weights go through vLLM's RL endpoints and its
+trainer-side weight-transfer API (grpo/transfer.py: vLLM's `nccl` between GPUs, our gloo `grpo_broadcast` on CPU).
+After each sync every server's weights are checksummed (through vLLM's /collective_rpc into our worker extension)
+and its logprobs of a fixed probe compared with the trainer's.
 
 Every wait has a deadline (`rollout.vllm.timeout`): a dead or wedged server is an error that names it, not a hang.
 """
@@ -23,42 +21,20 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from grpo import collectives as coll
 from grpo.config import Config
 from grpo.rollout import Completion, SamplingParams
 from grpo.vllm_engine import SyncCheck, SyncError, canary_diff, completions, judge, trainer_probe_logprobs
-from grpo.weights import checksum, weight_buckets
 
 log = logging.getLogger("grpo")
 
 
 class ServerError(RuntimeError):
     """A generation server did not answer, or answered with an error; the message names it."""
-
-
-def weight_group(host: str, port: int, rank: int, world: int, backend: str, timeout: float):
-    """A process group of the trainer (rank 0, which hosts the store) and the servers, independent of any
-    default group."""
-    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout),
-                          wait_for_workers=False)
-    store = dist.PrefixStore("grpo-weights", store)
-    if backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, world), store
-    return dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=timeout)), store
-
-
-def flat_buckets(tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, list[tuple[str, list[int]]]]]:
-    """Group a bucket's tensors by dtype (one broadcast each): [(dtype, [(name, shape), ...]), ...]."""
-    by: dict[str, list[tuple[str, list[int]]]] = {}
-    for name, t in tensors:
-        by.setdefault(str(t.dtype).removeprefix("torch."), []).append((name, list(t.shape)))
-    return list(by.items())
 
 
 def request(url: str, route: str, body: dict[str, Any] | None, timeout: float) -> Any:
@@ -79,7 +55,7 @@ def request(url: str, route: str, body: dict[str, Any] | None, timeout: float) -
                           "(is `grpo serve` running there? see rollout.vllm.servers)") from None
 
 
-def _parallel(fns: list) -> list[Any]:
+def parallel(fns: list) -> list[Any]:
     """Run the callables in threads; re-raise the first error after all are done."""
     results: list[Any] = [None] * len(fns)
     errors: list[BaseException | None] = [None] * len(fns)
@@ -128,8 +104,8 @@ def samples_from(choices: list[dict[str, Any]], num_prompts: int, n: int) -> lis
 
 class ServerEngine:
     """The trainer's side of server mode: prompts are split over `vllm serve` processes (whole groups each); after
-    each update rank 0 pauses them, streams the weights through vLLM's weight-transfer API (our `grpo_broadcast`
-    backend, grpo/vllm_plugin.py), resumes them, and checks what each holds (checksum and canary)."""
+    each update rank 0 pauses them, the weights go through vLLM's weight-transfer API (grpo/transfer.py), rank 0
+    resumes them and checks what each holds (checksum and canary)."""
 
     def __init__(self, cfg: Config, tok, rank: int, world: int, stop_ids: list[int], probe: list[int]):
         v = cfg.rollout.vllm
@@ -137,7 +113,6 @@ class ServerEngine:
         self.urls = list(v.servers)
         self.stop_ids, self.probe = stop_ids, probe
         self.timeout = v.timeout
-        self.zero3 = cfg.deepspeed.zero_stage == 3
         # the optimizer steps the servers' weights include (set by each sync); a completion records the version it
         # was requested at
         self.version = 0
@@ -146,25 +121,28 @@ class ServerEngine:
         self.pause_mode = cfg.rollout.async_pause if cfg.rollout.async_ else "wait"
         for url in self.urls:
             request(url, "/health", None, min(self.timeout, 30.0))
-        self.group = None
-        if rank == 0:
-            self._init_group()
+        self._init_transfer()
 
-    def _init_group(self) -> None:
+    def _init_transfer(self) -> None:
+        """Every rank builds vLLM's trainer engine (the others only take part in the ZeRO-3 gathers); rank 0 first
+        closes what a trainer killed mid-update left open on the servers (usually nothing: the errors are
+        ignored), then meets them in the transfer group."""
+        from grpo.transfer import ModelSource, ServersClient, resolve_backend, trainer_engine
+
         v = self.cfg.rollout.vllm
+        if self.rank == 0:
+            for url in self.urls:
+                for route in ("/finish_weight_update", "/resume"):
+                    with contextlib.suppress(ServerError):
+                        request(url, route, {}, self.timeout)
+        bucket_bytes = v.sync_bucket_mb * 2**20
+        self.client = ServersClient(self.urls, self.timeout)
+        self.source = ModelSource(self.cfg.deepspeed.zero_stage == 3, bucket_bytes, sums=self.rank == 0)
+        self.backend = resolve_backend(v.weight_transfer, self.cfg.device)
         host = v.sync_host or ("127.0.0.1" if all(_is_local(u) for u in self.urls) else socket.gethostname())
-        self.backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
-        world = len(self.urls) + 1
-        info = {"host": host, "port": v.sync_port, "world": world, "backend": self.backend, "timeout": self.timeout}
-        calls = [lambda i=i, u=u: request(u, "/init_weight_transfer_engine",
-                                          {"init_info": {**info, "rank": i + 1}}, self.timeout)
-                 for i, u in enumerate(self.urls)]
-        calls.append(lambda: weight_group(host, v.sync_port, 0, world, self.backend, self.timeout))
-        for url in self.urls:  # a trainer killed mid-update leaves its server paused inside an update: end both
-            for route in ("/finish_weight_update", "/resume"):
-                with contextlib.suppress(ServerError):  # (the usual case: no update open, nothing paused)
-                    request(url, route, {}, self.timeout)
-        *_, (self.group, self.store) = _parallel(calls)
+        self.transfer = trainer_engine(self.backend, rank=self.rank, host=host, port=v.sync_port,
+                                       num_servers=len(self.urls), bucket_bytes=bucket_bytes, timeout=self.timeout,
+                                       client=self.client, source=self.source)
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         if not prompts:
@@ -176,7 +154,7 @@ class ServerEngine:
         calls = [lambda u=u, s=s: self._complete(u, s, n, params) if s else (0, [])
                  for u, s in zip(self.urls, shares, strict=True)]
         out: list[list[Completion]] = []
-        for share, (version, choices) in zip(shares, _parallel(calls), strict=True):
+        for share, (version, choices) in zip(shares, parallel(calls), strict=True):
             for p, samples in zip(share, samples_from(choices, len(share), n), strict=True):
                 out.append(completions(p, samples, self.tok))
                 for c in out[-1]:
@@ -198,31 +176,27 @@ class ServerEngine:
         """Nothing to free here: the servers run on other GPUs."""
 
     def sync(self, model: torch.nn.Module, version: int = 0) -> dict[str, float]:
-        """Every rank walks the buckets (ZeRO-3 gathers are collective); rank 0 streams them to the paused servers,
-        then checks each server's checksum and canary. The verdict is shared so all ranks stop together."""
-        sent = [0.0, 0.0]
-        bucket_bytes = self.cfg.rollout.vllm.sync_bucket_mb * 2**20
+        """Every rank sends (vLLM's engine: rank 0 streams, the others take part in the ZeRO-3 gathers); rank 0
+        pauses the servers before and resumes them after, then checks each server's checksum and canary. The
+        verdict is shared so all ranks stop together."""
         failure: Exception | None = None
         if self.rank == 0:
             try:  # in-flight requests finish first (wait), or are held (keep) or aborted (abort) during the update
                 self._all(f"/pause?mode={self.pause_mode}&clear_cache=true")
-                self._all("/start_weight_update")
             except ServerError as e:
                 failure = e
-        for bucket in weight_buckets(model, bucket_bytes, self.zero3):
-            if self.rank != 0 or failure is not None:
-                continue  # keep walking: the other ranks' ZeRO-3 gathers wait for this one
-            s, q = checksum(t for _, t in bucket)
-            sent[0] += s
-            sent[1] += q
-            try:
-                self._send(bucket)
-            except (ServerError, RuntimeError) as e:  # a server died mid-sync: report it once every rank is here
-                failure = e
+        self.source.model = model
+        self.client.version = version
+        try:
+            if failure is None:
+                self.transfer.send_weights()
+        except (ServerError, RuntimeError, ValueError) as e:  # a server died mid-sync: report it once all are here
+            failure = e
+        finally:
+            self.source.finish_pass()  # the rest of the gathers the other ranks are waiting in (after a failure)
         if self.rank == 0 and failure is None:
             try:
-                self.version = version
-                self._all("/finish_weight_update", {"weight_version": str(version)})
+                self.version = version  # requests sent from here on run on the new weights
                 self._reset_prefix_cache()  # KV blocks of the old weights (the pause clears it too: a safety net)
                 self._all("/resume")
             except ServerError as e:
@@ -231,7 +205,7 @@ class ServerEngine:
         verdict: list[Any] = [failure]
         if self.rank == 0 and failure is None:
             try:
-                verdict[0] = self._check(trainer_lp, (sent[0], sent[1]))
+                verdict[0] = self._check(trainer_lp, self.source.sent)
             except (SyncError, ServerError) as e:
                 verdict[0] = e
         if self.world > 1:
@@ -242,31 +216,12 @@ class ServerEngine:
         return verdict[0]
 
     def _all(self, route: str, body: dict[str, Any] | None = None) -> list[Any]:
-        return _parallel([lambda u=u: request(u, route, body or {}, self.timeout) for u in self.urls])
+        return parallel([lambda u=u: request(u, route, body or {}, self.timeout) for u in self.urls])
 
     def _reset_prefix_cache(self) -> None:
         for url, r in zip(self.urls, self._all("/reset_prefix_cache"), strict=True):
             if isinstance(r, dict) and r.get("success") is False:
                 raise ServerError(f"vLLM server {url} could not reset its prefix cache after a weight update")
-
-    def _send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        """One bucket: each server's /update_weights (which receives) while rank 0 broadcasts, one flat tensor per
-        dtype in the order the update info lists them."""
-        groups = flat_buckets(bucket)
-        # this thread's device, not the broadcast thread's (CUDA's current device is per thread, 0 in a new one)
-        dev = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        calls = [lambda u=u: request(u, "/update_weights", {"update_info": {"groups": groups}}, self.timeout)
-                 for u in self.urls]
-
-        def broadcast():
-            tensors = dict(bucket)
-            for _, entries in groups:
-                flat = torch.cat([tensors[name].reshape(-1) for name, _ in entries]).to(dev)
-                work = self.group.broadcast(flat, 0)
-                if not work.wait(timedelta(seconds=self.timeout)):
-                    raise ServerError(f"weight broadcast to {self.urls} did not finish in {self.timeout:g} s")
-
-        _parallel([*calls, broadcast])
 
     def _check(self, trainer_lp: list[float], sent: tuple[float, float]) -> dict[str, float]:
         """Each server's checksum (through vLLM's /collective_rpc into our worker extension) and its logprobs of

@@ -7,9 +7,10 @@ registry (`WeightTransferEngineFactory`) and, on CPU, keeps the linear weights a
 `/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`, `/finish_weight_update`, `/resume`).
 
 Why a backend of ours: every backend vLLM ships (`nccl`, `ipc`, `sparse_nccl`, ...) needs CUDA, and CI has none.
-`grpo_broadcast` receives each bucket as one flat tensor per dtype over a process group it joins with the trainer
-(gloo on CPU, NCCL between GPUs), loads it in place with the model's own `load_weights` (so fused vLLM parameters
-are filled from HF names), and on CPU repacks the kernels once the update is finished.
+Between GPUs the servers run vLLM's own `nccl` (grpo.transfer.resolve_backend); on CPU `grpo_broadcast` receives
+each bucket as one flat tensor per dtype over a gloo group it joins with the trainer (its trainer half is
+grpo.transfer.BroadcastTrainerEngine), loads it in place with the model's own `load_weights` (so fused vLLM
+parameters are filled from HF names), and repacks the CPU kernels once the update is finished.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ BACKEND = "grpo_broadcast"
 
 @dataclass
 class BroadcastInitInfo:
-    host: str  # the trainer's rank 0, which hosts the rendezvous store
-    port: int
-    world: int  # the trainer's rank 0 plus every server
-    rank: int  # this server's rank in that group (1..world-1)
-    backend: str = "gloo"  # gloo | nccl
+    # the same rendezvous fields as vLLM's NCCL init info, so one control plane (grpo.transfer.ServersClient)
+    # serves both backends
+    master_address: str  # the trainer's sender, which hosts the rendezvous store
+    master_port: int
+    rank_offset: int  # this server's first rank in the group (the sender is 0)
+    world_size: int  # the sender plus every server worker
     timeout: float = 600.0
 
 
@@ -49,11 +51,12 @@ class BroadcastWeightTransferEngine(WeightTransferEngine[BroadcastInitInfo, Broa
     supports_draft_weight_update = False
 
     def init_transfer_engine(self, init_info: BroadcastInitInfo) -> None:
-        from grpo.server_client import weight_group
+        from grpo.transfer import weight_group
 
-        self.group, self.store = weight_group(init_info.host, init_info.port, init_info.rank, init_info.world,
-                                              init_info.backend, init_info.timeout)
-        self.dev = "cuda" if init_info.backend == "nccl" else "cpu"
+        pc = self.parallel_config  # vLLM's own rank rule for its NCCL engine: unique across data-parallel groups
+        rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
+        self.group, self.store = weight_group(init_info.master_address, init_info.master_port, rank,
+                                              init_info.world_size, init_info.timeout)
 
     def start_weight_update(self) -> None:
         """Nothing to prepare: weights are loaded in place, bucket by bucket."""
@@ -61,7 +64,7 @@ class BroadcastWeightTransferEngine(WeightTransferEngine[BroadcastInitInfo, Broa
     def receive_weights(self, update_info: BroadcastUpdateInfo) -> None:
         tensors = []
         for dtype, entries in update_info.groups:
-            flat = torch.empty(sum(math.prod(shape) for _, shape in entries), dtype=DTYPES[dtype], device=self.dev)
+            flat = torch.empty(sum(math.prod(shape) for _, shape in entries), dtype=DTYPES[dtype])
             self.group.broadcast(flat, 0).wait()
             off = 0
             for name, shape in entries:

@@ -248,10 +248,12 @@ def test_server_sync_checks_catch_corruption_and_a_dead_server(tmp_path, vllm_ti
                 assert torch.allclose(torch.tensor(c.logprobs), _hf_logprobs(model, p_ids, c.ids, 0.9, 1.0),
                                       atol=1e-4)
 
-        real_send = serve.ServerEngine._send
+        from grpo.transfer import BroadcastTrainerEngine
+
+        real_send = BroadcastTrainerEngine._send  # after the source summed the bucket: a corruption on the way
 
         def corrupt(how):
-            monkeypatch.setattr(serve.ServerEngine, "_send", lambda self, b: real_send(self, how(b)))
+            monkeypatch.setattr(BroadcastTrainerEngine, "_send", lambda self, b: real_send(self, how(b)))
 
         corrupt(lambda b: [(n, t.clone().index_fill_(0, torch.tensor([0]), 0.123) if i == 0 else t)
                            for i, (n, t) in enumerate(b)])  # one value: the checksum, not the canary
@@ -260,7 +262,7 @@ def test_server_sync_checks_catch_corruption_and_a_dead_server(tmp_path, vllm_ti
         corrupt(lambda b: [(n, t * 0.0 if "embed" in n else t) for n, t in b])
         with pytest.raises(SyncError, match="canary: mean"):
             engine.sync(model)
-        monkeypatch.setattr(serve.ServerEngine, "_send", real_send)
+        monkeypatch.setattr(BroadcastTrainerEngine, "_send", real_send)
         assert engine.sync(model)["sync/checksum_ok"] == 1.0  # a clean sync repairs the server
     t0 = time.monotonic()  # the server is gone (killed with its process group)
     with pytest.raises(serve.ServerError, match=f"vLLM server {url} did not answer /v1/completions"):

@@ -132,3 +132,98 @@ def test_checksums_compare_what_they_should():
     big = [torch.randn(1000, 37), torch.randn(5)]
     whole = (sum(float(t.double().sum()) for t in big), sum(float((t.double() ** 2).sum()) for t in big))
     assert checksums_match(checksum(big, slice_numel=999), whole, rel=1e-12)
+
+
+class _Recorder:
+    """Stands in for `grpo.server_client.request` in grpo.transfer: records (url, route, body), answers None."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def __call__(self, url, route, body, timeout):
+        self.calls.append((url, route, body))
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3, bias=True))
+
+
+def test_servers_client_gives_each_server_its_own_ranks(monkeypatch):
+    from grpo import transfer
+
+    rec = _Recorder()
+    monkeypatch.setattr(transfer, "request", rec)
+    client = transfer.ServersClient(["http://a:1", "http://b:2", "http://c:3"], 5.0)
+    client.init_weight_transfer_engine({"master_address": "h", "master_port": 9, "rank_offset": 1, "world_size": 4})
+    got = sorted((u, b["init_info"]["rank_offset"], b["init_info"]["world_size"]) for u, _, b in rec.calls)
+    assert got == [("http://a:1", 1, 4), ("http://b:2", 2, 4), ("http://c:3", 3, 4)]
+    rec.calls.clear()
+    client.version = 7
+    client.finish_weight_update()
+    assert sorted(b["weight_version"] for _, r, b in rec.calls if r == "/finish_weight_update") == ["7", "7", "7"]
+
+
+def test_nccl_trainer_engine_from_vllms_factory_on_a_faked_gpu(monkeypatch):
+    """What the GPU path does up to the NCCL call, on CPU: vLLM's factory builds vLLM's NCCL trainer engine from
+    our init info; the sender hands each server the worker init (its rank offset, the whole world, the packed wire
+    params) while opening its own endpoint; a non-sender rank opens nothing and sends no request."""
+    from vllm.distributed.weight_transfer import nccl_engine
+
+    from grpo import transfer
+
+    rec = _Recorder()
+    monkeypatch.setattr(transfer, "request", rec)
+    opened = []
+    monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", lambda info: opened.append(info) or "comm")
+    client = transfer.ServersClient(["http://a:1", "http://b:2"], 5.0)
+    source = transfer.ModelSource(False, 2**20, sums=True)
+    kw = {"host": "10.0.0.1", "port": 5555, "num_servers": 2, "bucket_bytes": 2**20, "timeout": 5.0,
+          "client": client, "source": source}
+    engine = transfer.trainer_engine("nccl", rank=0, **kw)
+    assert type(engine).__name__ == "NCCLTrainerWeightTransferEngine" and engine.model_update_group == "comm"
+    assert opened[0].world_size == 3 and opened[0].master_port == 5555
+    inits = sorted((u, b["init_info"]) for u, r, b in rec.calls)
+    assert [(u, i["rank_offset"], i["world_size"], i["packed"], i["packed_buffer_size_bytes"]) for u, i in inits] == [
+        ("http://a:1", 1, 3, True, 2**20), ("http://b:2", 2, 3, True, 2**20)]
+    assert all(i["master_address"] == "10.0.0.1" for _, i in inits)
+
+    rec.calls.clear()
+    other = transfer.trainer_engine("nccl", rank=1, **kw)
+    source.model = _tiny_model()
+    other.send_weights()  # a non-sender only walks the source (its ZeRO-3 gathers)
+    assert rec.calls == [] and len(opened) == 1 and source.sent is not None
+
+
+def test_model_source_agrees_with_its_metadata_and_sums_what_it_yields():
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine as Nccl
+
+    from grpo import transfer
+    from grpo.weights import checksum
+
+    model = _tiny_model()
+    source = transfer.ModelSource(False, 64, sums=True)  # 64 bytes: several buckets
+    source.model = model
+    pairs = list(Nccl._checked_iter(source, source.metadata()))  # vLLM's own contract check
+    assert [n for n, _ in pairs] == ["0.weight", "1.weight", "1.bias"]
+    assert source.sent == checksum(model.parameters())
+    it = iter(source)
+    next(it)  # a send that failed after one tensor
+    assert source.sent is None
+    source.finish_pass()  # walks the rest (the other ranks' gathers)
+    assert source.sent == checksum(model.parameters())
+    buckets = list(transfer._rebucket(iter(pairs), 64))
+    assert [[n for n, _ in b] for b in buckets] == [["0.weight"], ["1.weight", "1.bias"]]  # 160 B, then 48 + 12
+    assert transfer.dtype_groups(buckets[1]) == [("float32", [("1.weight", [3, 4]), ("1.bias", [3])])]
+
+
+def test_weight_transfer_backend_is_resolved_per_machine(monkeypatch):
+    from grpo import transfer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert transfer.resolve_backend("auto", "auto") == "nccl"
+    assert transfer.resolve_backend("auto", "cpu") == "grpo_broadcast"
+    assert transfer.resolve_backend("grpo_broadcast", "cuda") == "grpo_broadcast"
+    cfg = load_config(None, ["rewards=[{name: accuracy}]"])
+    cmd, _ = serve.vllm_serve_command(cfg, "/m", "cuda", "127.0.0.1", 8123, 4096)
+    assert json.loads(cmd[cmd.index("--weight-transfer-config") + 1]) == {"backend": "nccl"}
