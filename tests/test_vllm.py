@@ -310,28 +310,38 @@ def test_server_mode_without_servers_is_named(tmp_path, vllm_tiny_dir):
 
 
 @pytest.mark.slow
-def test_async_rollouts_overlap_and_resume_in_data_order(tmp_path, vllm_tiny_dir):
+def test_async_rollouts_overlap_and_resume_after_sigkill_in_data_order(tmp_path, vllm_tiny_dir):
     """rollout.async: each step after the first trains on groups the server sampled during the previous update
     (one weight version behind, within max_staleness, none dropped), with requests in flight during an update
-    kept or aborted and resent; the prompts of every step are those of a synchronous run; resumed from the step-2
-    checkpoint (written while step 3's generation was in flight), a run takes step 3's prompts again and
-    regenerates them, so the data order is unchanged."""
-    import shutil
-
+    kept or aborted and resent; the prompts of every step are those of a synchronous run. An async run killed
+    with SIGKILL once its step-2 checkpoint is complete (step 3's generation in flight) resumes from it, takes
+    step 3's prompts again and regenerates them with the step-2 weights: the data order is unchanged."""
     with _server(vllm_tiny_dir, tmp_path) as url:
         runs = {}
-        for name, extra in {"sync": {}, "async": {"rollout.async": True},
-                            "abort": {"rollout.async": True, "rollout.async_pause": "abort"}}.items():
+        for name, extra in {"sync": {}, "abort": {"rollout.async": True, "rollout.async_pause": "abort"}}.items():
             p = _server_run(vllm_tiny_dir, tmp_path / name, url, steps=3, **extra)
             assert p.returncode == 0, p.stderr[-3000:]
             runs[name] = pd.read_parquet(tmp_path / name / "rollouts")
-        # the async run's step-2 checkpoint was written with step 3's generation in flight: resume from it alone
-        halted = tmp_path / "resumed"
-        shutil.copytree(tmp_path / "async" / "checkpoints" / "step-000002", halted / "checkpoints" / "step-000002")
-        p = _server_run(vllm_tiny_dir, halted, url, steps=3, **{"rollout.async": True})
+        killed = tmp_path / "async"
+        server = {"rollout.engine": "vllm_server", "rollout.vllm.servers": f"[{url}]",
+                  "rollout.vllm.sync_port": _free_port(), "rollout.async": True, "steps": 4}
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "-m", "grpo", "train", str(RECIPE),
+                                 *tiny_overrides(vllm_tiny_dir, killed, **server)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not (killed / "checkpoints" / "step-000002" / "COMPLETE").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert not (killed / "checkpoints" / "step-000003").exists()  # killed within step 3
+        p = run_cli(tiny_overrides(vllm_tiny_dir, killed, **{**server, "rollout.vllm.sync_port": _free_port()}))
         assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
-        runs["resumed"] = pd.read_parquet(halted / "rollouts")
-    m = metrics(tmp_path / "async")
+        assert "step-000002" in p.stderr.split("resumed from")[1].splitlines()[0]
+        runs["async"] = pd.read_parquet(killed / "rollouts")
+    m = metrics(killed)
+    assert [r["step"] for r in m if r["step"] > 0] == [1, 2, 3, 4]  # nothing logged twice
     assert all("time/wait_rollout" in r and r["rollout/stale_groups"] == 0 for r in m if r["step"] > 0)
     assert all(r["sync/checksum_ok"] == 1.0 for r in m if r["step"] > 0)
 
@@ -339,14 +349,14 @@ def test_async_rollouts_overlap_and_resume_in_data_order(tmp_path, vllm_tiny_dir
         return sorted(set(zip(df["step"], df["policy_version"], strict=True)))
 
     assert versions(runs["sync"]) == [(1, 0), (2, 1), (3, 2)]
-    assert versions(runs["async"]) == versions(runs["abort"]) == [(1, 0), (2, 0), (3, 1)]
-    assert versions(runs["resumed"]) == [(3, 2)]  # step 3 regenerated after the resume, from the step-2 weights
+    assert versions(runs["abort"]) == [(1, 0), (2, 0), (3, 1)]
+    # steps 1-2 from before the kill; step 3 regenerated after the resume from the step-2 weights; step 4 async again
+    assert versions(runs["async"]) == [(1, 0), (2, 0), (3, 2), (4, 2)]
 
     def prompts(df, steps=(1, 2, 3)):
         return [sorted(df[df["step"] == k]["prompt_id"]) for k in steps]
 
     assert prompts(runs["async"]) == prompts(runs["sync"]) == prompts(runs["abort"])
-    assert prompts(runs["resumed"], [3]) == prompts(runs["async"], [3])
 
 
 @pytest.mark.slow
