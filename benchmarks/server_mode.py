@@ -13,16 +13,13 @@ sync, an asynchronous one max(generate, update) + sync.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,25 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
 def server(model: str, work: Path, extra: list[str]):
-    ready = work / "ready"
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "grpo", "serve", str(RECIPE), f"model.path={model}", *extra,
-                             "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.monotonic() + 600
-        while not (ready.exists() and ready.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("grpo serve did not start:\n" + (work / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield ready.read_text().split()[0]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    from grpo.serve import running
+
+    return running(RECIPE, [f"model.path={model}", *extra], work, timeout=600)
 
 
 def train(url: str, model: str, out: Path, steps: int, asynchronous: bool, extra: list[str]) -> list[dict]:

@@ -10,6 +10,7 @@ trainer's side is grpo/server_client.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from grpo.config import Config
 from grpo.server_client import ServerError, request
@@ -95,3 +98,29 @@ def serve(cfg: Config, host: str, port: int, ready_file: str | None = None) -> N
             f.write(url + "\n")
     code = proc.wait()
     raise SystemExit(code if code >= 0 else 128 - code)  # a signal's death as the shell reports it
+
+
+@contextlib.contextmanager
+def running(recipe: str | Path, overrides: list[str], workdir: Path, timeout: float = 600.0) -> Iterator[str]:
+    """A `grpo serve` process on localhost for the duration of the block (benchmarks, tests, a teacher for
+    distillation); yields its URL. Its log is `workdir/serve.log`; it is killed with its process group after."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ready, log_path = workdir / "ready.txt", workdir / "serve.log"
+    ready.unlink(missing_ok=True)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "grpo", "serve", str(recipe), *overrides, "--host",
+                                 "127.0.0.1", "--port", "0", "--ready-file", str(ready)], cwd=root, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not (ready.exists() and ready.read_text().strip()):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise ServerError(f"grpo serve did not start within {timeout:g} s; the end of {log_path}:\n"
+                                      + log_path.read_text()[-3000:])
+                time.sleep(0.5)
+            yield ready.read_text().split()[0]
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -3,7 +3,6 @@ checksum and canary, a corrupted sync caught, the whole loop colocated and in se
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -163,26 +162,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
 def _server(model_dir: Path, tmp_path: Path):
     """A `grpo serve` process on localhost for the duration of the block; yields its URL."""
-    ready = tmp_path / "ready.txt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "grpo", "serve", str(RECIPE), f"model.path={model_dir}",
-                             "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (ready.exists() and ready.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("grpo serve did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield ready.read_text().split()[0]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    from grpo.serve import running
+
+    return running(RECIPE, [f"model.path={model_dir}"], tmp_path, timeout=300)
 
 
 def _server_run(model_dir: Path, run: Path, url: str, launcher: list[str] | None = None, **extra):
