@@ -76,26 +76,41 @@ def with_advantages(groups: list[Group], method: str) -> list[Group]:
     return groups
 
 
+def sampling_params(cfg) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
+
+
+def take_rows(cfg, prompts: PromptSet, sampler: PromptSampler, rank: int, prompts_per_rank: int
+              ) -> list[dict[str, Any]]:
+    """The next step's prompts (every rank takes the whole step's, so the samplers stay aligned); this rank's share."""
+    idx = sampler.take(cfg.rollout.prompts_per_step)
+    return [prompts.rows[i] for i in idx[rank * prompts_per_rank : (rank + 1) * prompts_per_rank]]
+
+
+def scored(cfg, rows, comps, rewards, prompts, pool, state) -> tuple[list[Group], dict[str, int], dict[str, int]]:
+    """score_groups, then the recipe's advantages."""
+    groups, errors, timeouts = score_groups(rows, comps, rewards, prompts, pool, state)
+    return with_advantages(groups, cfg.algo.advantage), errors, timeouts
+
+
 def collect(cfg, engine: RolloutEngine, prompts: PromptSet, rewards: list[Reward], pool: WorkerPool | None,
             sampler: PromptSampler, rank: int, prompts_per_rank: int, step: int, timer) -> Rollouts:
     """Rollouts for one step on this rank. With dynamic sampling, zero-variance groups are dropped and more prompts
     sampled (all ranks take the same number of rounds, so the sampler stays aligned)."""
     r = cfg.rollout
-    params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
     errors = {x.name: 0 for x in rewards}
     timeouts = dict(errors)
     kept: list[Group] = []
     spare: list[Group] = []
     rounds = 0
     while True:
-        idx = sampler.take(r.prompts_per_step)
-        mine = [prompts.rows[i] for i in idx[rank * prompts_per_rank : (rank + 1) * prompts_per_rank]]
+        mine = take_rows(cfg, prompts, sampler, rank, prompts_per_rank)
         with timer("generate"):
-            comps = engine.generate([row["prompt_ids"] for row in mine], r.num_generations, params)
+            comps = engine.generate([row["prompt_ids"] for row in mine], r.num_generations, sampling_params(cfg))
         with timer("score"):
             state = TrainerState(step, cfg.steps, sampler.epoch + sampler.pos / max(sampler.size, 1))
-            groups, errs, outs = score_groups(mine, comps, rewards, prompts, pool, state)
-            with_advantages(groups, cfg.algo.advantage)
+            groups, errs, outs = scored(cfg, mine, comps, rewards, prompts, pool, state)
         for k in errors:
             errors[k] += errs[k]
             timeouts[k] += outs[k]
@@ -143,10 +158,8 @@ class Prefetch:
 def start_prefetch(cfg, engine: RolloutEngine, prompts: PromptSet, sampler: PromptSampler, rank: int,
                    prompts_per_rank: int) -> Prefetch:
     state = sampler.state()
-    idx = sampler.take(cfg.rollout.prompts_per_step)
-    rows = [prompts.rows[i] for i in idx[rank * prompts_per_rank : (rank + 1) * prompts_per_rank]]
-    r = cfg.rollout
-    return Prefetch(engine, rows, r.num_generations, SamplingParams(r.max_new_tokens, r.temperature, r.top_p), state)
+    rows = take_rows(cfg, prompts, sampler, rank, prompts_per_rank)
+    return Prefetch(engine, rows, cfg.rollout.num_generations, sampling_params(cfg), state)
 
 
 def stale_groups(groups: list[Group], version: int, max_staleness: int) -> list[bool]:
@@ -167,8 +180,7 @@ def collect_async(cfg, engine: RolloutEngine, prompts: PromptSet, rewards: list[
     state = TrainerState(step, cfg.steps, sampler.epoch + sampler.pos / max(sampler.size, 1))  # as in sync mode
     nxt = start_prefetch(cfg, engine, prompts, sampler, rank, prompts_per_rank) if step < cfg.steps else None
     with timer("score"):
-        groups, errors, timeouts = score_groups(pending.rows, comps, rewards, prompts, pool, state)
-        with_advantages(groups, cfg.algo.advantage)
+        groups, errors, timeouts = scored(cfg, pending.rows, comps, rewards, prompts, pool, state)
     # (a rank that drops groups trains on fewer: every rank still runs grad_accum micro-steps, see grpo/update.py)
     stale = stale_groups(groups, engine.version, cfg.rollout.max_staleness)  # (server mode: it has versions)
     kept = [g for g, s in zip(groups, stale, strict=True) if not s]
