@@ -296,9 +296,12 @@ class VLLMEngine:
 
     def sync(self, model: torch.nn.Module, version: int = 0) -> dict[str, float]:
         """The buckets straight into vLLM's model, in this process. Not through vLLM's in-process RL API
-        (`LLM.init_weight_transfer_engine` / `update_weights`): its in-process backend, `ipc`, shares CUDA memory
-        handles and needs a GPU, and a broadcast backend would be a process group of this process with itself;
-        a direct `load_weights` in the worker is what both would end in."""
+        (`LLM.init_weight_transfer_engine` / `update_weights`, vllm/entrypoints/rl/offline.py): its in-process
+        backend, `ipc`, hands over CUDA IPC handles, which need a GPU (CI has none) and which CUDA opens only in
+        a process other than the one that exported them (`cudaIpcOpenMemHandle`), while this engine runs inside
+        the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the weights can be copied directly; a
+        broadcast backend would be a process group of this process with itself. A direct `load_weights` in the
+        worker is what every one of them ends in."""
         self._wake(["weights"] if self.asleep else None)
         sent = [0.0, 0.0]
         bucket_bytes = self.cfg.rollout.vllm.sync_bucket_mb * 2**20
