@@ -112,7 +112,8 @@ def explicit_checkpoint(path: str) -> Path:
 
 
 # What a resumed run must share with the run that wrote the checkpoint, or the data stream and the batches misalign.
-MUST_MATCH = ("seed", "model.path", "rollout.prompts_per_step", "rollout.num_generations", "data")
+MUST_MATCH = ("seed", "model.path", "rollout.prompts_per_step", "rollout.num_generations", "data", "sft.data",
+              "sft.batch_size")
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:

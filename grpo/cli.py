@@ -27,6 +27,20 @@ def _train(a) -> int:
     return 0
 
 
+def _sft(a) -> int:
+    from grpo.sft import sft
+
+    print(f"run directory: {sft(load_config(a.recipe, a.overrides))}")
+    return 0
+
+
+def _distill(a) -> int:
+    from grpo.distill import distill
+
+    print(f"data set: {distill(load_config(a.recipe, a.overrides))}")
+    return 0
+
+
 def _eval(a) -> int:
     from grpo.train import evaluate_only
 
@@ -83,6 +97,10 @@ class Command:
 
 COMMANDS = {
     "train": Command(_train, "train a policy with GRPO from a recipe", (RECIPE, OVERRIDES)),
+    "sft": Command(_sft, "supervised fine-tuning on prompt/completion or conversational data (sft.data)",
+                   (RECIPE, OVERRIDES)),
+    "distill": Command(_distill, "sample a teacher on the recipe's prompts, keep the verified samples as an SFT "
+                       "data set", (RECIPE, OVERRIDES)),
     "eval": Command(_eval, "evaluate a model on a recipe's held-out split (greedy, or pass@k)", (
         RECIPE, ("model", {"help": "HF model folder, e.g. a run's final/"}), OVERRIDES)),
     "inspect": Command(_inspect, "summarise a run directory: curves, worst/best groups, a prompt's group", (
@@ -117,7 +135,8 @@ COMMANDS = {
 
 def exit_code(e: BaseException) -> tuple[int, str] | None:
     """The one mapping from the errors a user can cause to exit codes: 2 for bad input (the message names the key
-    or file), 85 for a preemption after its checkpoint (slurm requeues), 1 for an unusable checkpoint."""
+    or file), 85 for a preemption after its checkpoint (slurm requeues), 1 for an unusable checkpoint or a
+    failing teacher."""
     if isinstance(e, ConfigError):
         return 2, "error: "
     from grpo.checkpoint import CheckpointError  # only train and eval raise these: imported once one is raised
@@ -125,7 +144,9 @@ def exit_code(e: BaseException) -> tuple[int, str] | None:
 
     if isinstance(e, Preempted):
         return PREEMPTED_EXIT, ""
-    if isinstance(e, CheckpointError):
+    from grpo.distill import TeacherError
+
+    if isinstance(e, (CheckpointError, TeacherError)):
         return 1, "error: "
     return None
 

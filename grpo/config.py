@@ -279,6 +279,46 @@ class CheckpointConfig(_Section):
     save_final_model: bool = Field(True, description="plain HF folder at output_dir/final")
 
 
+class SFTConfig(_Section):
+    """`grpo sft`: supervised fine-tuning (a cold start before GRPO, or a student on distilled traces)."""
+
+    data: Str | None = Field(None, description="a save_to_disk folder or a .parquet/.jsonl/.json file (TRL's formats: "
+                             "prompt + completion, text or messages; or messages); required by grpo sft")
+    epochs: Num = Field(1.0, gt=0, description="passes over the data (steps = epochs x rows / batch_size, rounded up)")
+    batch_size: int = Field(32, gt=0, description="sequences per optimizer step, across all ranks")
+    max_length: int = Field(1024, gt=0, description="prompt + completion tokens; longer rows fail at start-up (named)")
+    completion_only_loss: bool = Field(True, description="loss on the completion tokens only (false: the prompt's too)")
+
+
+class TeacherConfig(_Section):
+    """`grpo distill`'s teacher: a local model (sampled in-process by rollout.engine hf or vllm) or an
+    OpenAI-compatible endpoint (`vllm serve`, a hosted model)."""
+
+    model: Str | None = Field(None, description="in-process: a local HF folder (e.g. a run's final/); or, with url, "
+                              "the model name the endpoint serves")
+    url: Str | None = Field(None, description="an OpenAI-compatible base URL, e.g. http://node7:8000/v1")
+    api_key_env: Str = Field("OPENAI_API_KEY", description="url: the environment variable holding the API key")
+    concurrency: int = Field(8, gt=0, description="url: requests in flight at once")
+    retries: int = Field(5, ge=0, description="url: retries per request (errors, timeouts, 429/5xx, garbage)")
+    backoff: Num = Field(1.0, gt=0, description="url: seconds before the first retry, doubled each time")
+    timeout: Num = Field(300.0, gt=0, description="url: seconds per request")
+
+
+class DistillConfig(_Section):
+    """`grpo distill`: a teacher samples each training prompt, the recipe's rewards keep the verified samples, the
+    result is a data set `grpo sft` reads."""
+
+    teacher: TeacherConfig = Field(TeacherConfig(), description=TeacherConfig.__doc__)
+    num_samples: int = Field(4, gt=0, description="N, samples per prompt")
+    num_prompts: int | None = Field(None, gt=0, description="the first prompts of the training split (null: all)")
+    verify: Str | None = Field(None, description="the reward a sample must pass (null: the recipe's first)")
+    threshold: Num = Field(1.0, description="passing: the verify reward is at least this")
+    keep: Literal["all", "best", "shortest"] = Field("all", description="of a prompt's passing samples: all, the "
+                                                     "best total reward, or the shortest")
+    batch_prompts: int = Field(32, gt=0, description="prompts per shard written (a crash loses at most one shard)")
+    output: Str | None = Field(None, description="the data set folder (null: output_dir/distilled)")
+
+
 class Config(_Section):
     """A whole run. `steps` counts optimizer updates on fresh rollouts."""
 
@@ -297,6 +337,8 @@ class Config(_Section):
     eval: EvalConfig = Field(EvalConfig(), description=EvalConfig.__doc__)
     log: LogConfig = Field(LogConfig(), description=LogConfig.__doc__)
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description=CheckpointConfig.__doc__)
+    sft: SFTConfig = Field(SFTConfig(), description=SFTConfig.__doc__)
+    distill: DistillConfig = Field(DistillConfig(), description=DistillConfig.__doc__)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -1,0 +1,302 @@
+"""`grpo distill RECIPE`: rejection-sampled distillation data from a teacher, verified by the recipe's rewards.
+
+R1's recipe for small models: a strong reasoning teacher samples N completions per prompt, a verifier keeps the
+correct ones, and a small student is fine-tuned on them (`grpo sft`, which reads the result directly). The
+teacher is either a local model sampled in-process (`distill.teacher.model`, with `rollout.engine` hf or vllm) or
+any OpenAI-compatible endpoint (`distill.teacher.url`: a `vllm serve`, `grpo serve`, or a hosted model, the API
+key read from the environment variable `distill.teacher.api_key_env`).
+
+Nothing already distilled is lost: the samples of every `distill.batch_prompts` prompts are written as one shard
+(written aside, then renamed), and a rerun skips the prompts its shards hold. Requests to an endpoint are
+retried with exponential backoff on connection errors, timeouts, 429 (honouring Retry-After), 5xx and
+answers that are not completions; what still fails is counted and reported, and a batch in which every request
+failed stops the run with the endpoint's last error (rerun to continue). Prompts are rendered with the
+student's tokenizer and chat template, exactly as `grpo train` and `grpo eval` render them, and the kept rows are
+TRL's conversational prompt/completion format plus the teacher, the sampling settings, every reward and the
+token count per row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grpo.config import Config, ConfigError, TeacherConfig
+from grpo.data import PromptSet, load_rows, render
+from grpo.rollout import Completion, SamplingParams
+from grpo.scoring import score_groups
+
+log = logging.getLogger("grpo")
+
+
+class TeacherError(RuntimeError):
+    """The teacher endpoint failed for a whole batch (down, refusing, rate-limited past the retries); the message
+    names it. The shards written so far are kept: rerun to continue."""
+
+
+@dataclass
+class Tally:
+    """What happened to the requests: retried for each reason, and failed after the retries."""
+
+    retries: Counter = field(default_factory=Counter)
+    failed: int = 0
+    last_error: str = ""
+
+
+def _retry_after(e: urllib.error.HTTPError, default: float) -> float:
+    try:
+        return max(float(e.headers.get("Retry-After", default)), 0.0)
+    except (TypeError, ValueError):
+        return default
+
+
+def request_samples(t: TeacherConfig, messages: list[dict[str, str]], n: int, params: SamplingParams,
+                    tally: Tally, sleep=time.sleep) -> list[tuple[str, str]] | None:
+    """One prompt's n samples from an OpenAI-compatible /chat/completions endpoint: [(text, finish_reason)], or
+    None when it still failed after `t.retries` retries (counted in `tally`). A 4xx other than 429 (a bad request,
+    a wrong key) is not retried: it would fail the same way every time."""
+    url = t.url.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": t.model, "messages": messages, "n": n, "max_tokens": params.max_new_tokens,
+                       "temperature": params.temperature, "top_p": params.top_p}).encode()
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(t.api_key_env)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    wait = t.backoff
+    for attempt in range(t.retries + 1):
+        reason, delay = None, wait
+        try:
+            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=t.timeout) as r:
+                answer = json.loads(r.read())
+            choices = answer.get("choices") if isinstance(answer, dict) else None
+            out = [(_text(c["message"]), c.get("finish_reason") or "stop") for c in choices or []]
+            if out:
+                return out
+            reason, tally.last_error = "garbage", f"{url}: an answer with no completions: {str(answer)[:200]}"
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:300]
+            tally.last_error = f"{url} answered {e.code}: {detail}"
+            if e.code == 429:
+                reason, delay = "rate_limited", max(wait, _retry_after(e, wait))
+            elif e.code >= 500:
+                reason = "server_error"
+            else:
+                hint = f" (is {t.api_key_env} set?)" if e.code in (401, 403) else ""
+                raise TeacherError(f"teacher {tally.last_error}{hint}") from None
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            reason, tally.last_error = "unreachable", f"{url} did not answer: {getattr(e, 'reason', e)}"
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            reason, tally.last_error = "garbage", f"{url}: an answer that is not a chat completion ({e!r:.200})"
+        if attempt < t.retries:
+            tally.retries[reason] += 1
+            sleep(delay * (1.0 + 0.1 * random.random()))
+            wait *= 2
+    tally.failed += 1
+    return None
+
+
+def _text(message: dict[str, Any]) -> str:
+    """The answer's text; a reasoning model's separate reasoning (`reasoning_content`) goes back inside <think>
+    tags, where a student trained on it will write it."""
+    content = message.get("content") or ""
+    if not isinstance(content, str):
+        raise TypeError(f"message content is {type(content).__name__}")
+    thought = message.get("reasoning_content") or message.get("reasoning")
+    return f"<think>\n{thought}\n</think>\n{content}" if isinstance(thought, str) and thought else content
+
+
+class EndpointTeacher:
+    """An OpenAI-compatible endpoint; `distill.teacher.concurrency` prompts in flight at once."""
+
+    def __init__(self, t: TeacherConfig, tok):
+        self.t, self.tok, self.tally = t, tok, Tally()
+        self.name = f"{t.model or 'default'} @ {t.url}"
+
+    def sample(self, rows: list[dict[str, Any]], n: int, params: SamplingParams) -> list[list[Completion] | None]:
+        with ThreadPoolExecutor(self.t.concurrency) as ex:
+            answers = list(ex.map(lambda r: request_samples(self.t, r["prompt_messages"], n, params, self.tally),
+                                  rows))
+        out: list[list[Completion] | None] = []
+        for row, ans in zip(rows, answers, strict=True):
+            if ans is None:
+                out.append(None)
+                continue
+            out.append([Completion(row["prompt_ids"], self.tok(text, add_special_tokens=False)["input_ids"], text, [],
+                                   "length" if reason == "length" else "stop") for text, reason in ans])
+        return out
+
+
+class LocalTeacher:
+    """A local model sampled in this process, by the recipe's in-process engine (hf, or colocated vllm)."""
+
+    def __init__(self, cfg: Config, path: str, data: PromptSet):
+        from grpo.engine import pick_device
+        from grpo.model import load_model, load_tokenizer, resolve_model_path
+        from grpo.rollout import HFEngine, stop_ids
+
+        if cfg.rollout.engine == "vllm_server":
+            raise ConfigError("distill.teacher: for a server, set distill.teacher.url (its OpenAI-compatible /v1)")
+        m = cfg.model
+        path = resolve_model_path(path)
+        self.name, self.tally = path, Tally()
+        self.tok = load_tokenizer(path, None, m.trust_remote_code)
+        self.rendered = {r["prompt_id"]: r for r in render(data.rows, cfg.data, self.tok).rows}
+        model = load_model(path, m.dtype, m.attn_implementation, None, m.trust_remote_code)
+        device = pick_device(cfg.device)
+        if cfg.rollout.engine == "hf":
+            self.engine = HFEngine(model.to(device).eval(), self.tok, cfg.rollout.generation_batch_size)
+        else:
+            from grpo.vllm_engine import VLLMEngine, probe_ids
+
+            first = next(iter(self.rendered.values()))["prompt_ids"]
+            self.engine = VLLMEngine(cfg, path, self.tok, device, 0, 1, stop_ids(self.tok, model),
+                                     probe_ids(self.tok, first), getattr(model.config, "max_position_embeddings", None))
+
+    def sample(self, rows: list[dict[str, Any]], n: int, params: SamplingParams) -> list[list[Completion] | None]:
+        ids = [self.rendered[r["prompt_id"]]["prompt_ids"] for r in rows]
+        return list(self.engine.generate(ids, n, params))
+
+
+def read_shards(folder: Path) -> list[dict[str, Any]]:
+    samples = []
+    for f in sorted(folder.glob("shard-*.jsonl")):
+        samples += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return samples
+
+
+def write_shard(folder: Path, index: int, samples: list[dict[str, Any]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".shard-{index:06d}.tmp"
+    tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    tmp.replace(folder / f"shard-{index:06d}.jsonl")
+
+
+def select(samples: list[dict[str, Any]], keep: str) -> list[dict[str, Any]]:
+    """Of one prompt's samples, those kept: every passing one, the best total reward, or the shortest passing
+    one (fewest tokens; ties: the better total, then the first sampled)."""
+    ok = [s for s in samples if s["passed"]]
+    if keep == "all" or not ok:
+        return ok
+    if keep == "best":
+        return [max(ok, key=lambda s: (s["total"], -s["num_tokens"]))]
+    return [min(ok, key=lambda s: (s["num_tokens"], -s["total"]))]
+
+
+def build_dataset(samples: list[dict[str, Any]], keep: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The kept rows, and the report: pass rate per prompt, kept fraction, tokens."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for s in samples:
+        by.setdefault(s["prompt_id"], []).append(s)
+    rows, passes = [], Counter()
+    for pid in by:
+        group = sorted(by[pid], key=lambda s: s["index"])
+        passes[sum(s["passed"] for s in group)] += 1
+        for s in select(group, keep):
+            rows.append({"prompt": s["prompt"], "completion": [{"role": "assistant", "content": s["completion"]}],
+                         **{k: s[k] for k in ("prompt_id", "answer", "teacher", "sampling", "rewards", "total",
+                                              "num_tokens", "finish_reason", "index")}})
+    n = len(samples)
+    report = {"prompts": len(by), "samples": n, "passed": sum(s["passed"] for s in samples),
+              "pass_rate": sum(s["passed"] for s in samples) / max(n, 1),
+              "prompts_with_a_pass": sum(v for k, v in passes.items() if k > 0) / max(len(by), 1),
+              "passes_per_prompt": {str(k): passes[k] for k in sorted(passes)},
+              "kept": len(rows), "kept_fraction": len(rows) / max(n, 1),
+              "kept_tokens": sum(r["num_tokens"] for r in rows),
+              "sampled_tokens": sum(s["num_tokens"] for s in samples)}
+    return rows, report
+
+
+def distill(cfg: Config) -> Path:
+    """Sample, verify and write shards; then the data set (save_to_disk, plus data.parquet) and report.json."""
+    import datasets
+
+    from grpo.model import load_tokenizer, resolve_model_path
+    from rewards.pool import WorkerPool
+    from rewards.runner import build_rewards, check_columns
+
+    d, t = cfg.distill, cfg.distill.teacher
+    if not t.url and not t.model:
+        raise ConfigError("distill.teacher: set model (a local folder) or url (an OpenAI-compatible endpoint)")
+    try:
+        rewards = build_rewards(cfg.rewards)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    verify = d.verify or rewards[0].name
+    if verify not in [r.name for r in rewards]:
+        raise ConfigError(f"distill.verify: {verify!r} is not one of the recipe's rewards {[r.name for r in rewards]}")
+    student = resolve_model_path(cfg.model.path)
+    tok = load_tokenizer(student, cfg.model.revision, cfg.model.trust_remote_code)
+    train_rows, _ = load_rows(cfg.data)  # the held-out split stays held out
+    prompts = render(train_rows, cfg.data, tok)
+    try:
+        check_columns(rewards, prompts.columns)
+    except ValueError as e:
+        raise ConfigError(f"rewards: {e}") from None
+    todo_rows = prompts.rows[: d.num_prompts] if d.num_prompts else prompts.rows
+    out = Path(d.output or Path(cfg.output_dir) / "distilled")
+    shards = out.parent / (out.name + ".shards")
+    done = {s["prompt_id"] for s in read_shards(shards)}
+    todo = [r for r in todo_rows if r["prompt_id"] not in done]
+    if done:
+        log.info("distill: %d prompts already in %s, %d to go", len(done), shards, len(todo))
+    teacher = EndpointTeacher(t, tok) if t.url else LocalTeacher(cfg, t.model, PromptSet(todo_rows, prompts.columns,
+                                                                                          [], prompts.conversational))
+    r = cfg.rollout
+    params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
+    sampling = json.dumps({"n": d.num_samples, "temperature": r.temperature, "top_p": r.top_p,
+                           "max_new_tokens": r.max_new_tokens})
+    pool = WorkerPool(cfg.scoring.workers, cfg.scoring.memory_mb) if cfg.scoring.workers > 0 else None
+    first = len(list(shards.glob("shard-*.jsonl"))) if shards.exists() else 0
+    t0 = time.perf_counter()
+    try:
+        for b, i in enumerate(range(0, len(todo), d.batch_prompts)):
+            batch = todo[i : i + d.batch_prompts]
+            comps = teacher.sample(batch, d.num_samples, params)
+            ok = [(row, c) for row, c in zip(batch, comps, strict=True) if c]
+            if not ok:
+                raise TeacherError(f"teacher {teacher.name}: every request of a batch failed after "
+                                   f"{t.retries} retries; last error: {teacher.tally.last_error}. The "
+                                   f"{len(done) + i} prompts distilled so far are kept in {shards}: rerun to go on")
+            groups, errors, _ = score_groups([x for x, _ in ok], [c for _, c in ok], rewards, prompts, pool)
+            samples = []
+            for g in groups:
+                for j, c in enumerate(g.completions):
+                    per = {k: v[j] for k, v in g.rewards.items()}
+                    v = per[verify]
+                    samples.append({"prompt_id": g.row["prompt_id"], "index": j, "prompt": g.row["prompt_messages"],
+                                    "answer": str(g.row.get("answer", "")), "completion": c.text,
+                                    "num_tokens": len(c.ids), "finish_reason": c.finish_reason,
+                                    "teacher": teacher.name, "sampling": sampling,
+                                    "rewards": json.dumps({k: (None if x != x else x) for k, x in per.items()}),
+                                    "total": g.total[j] if g.total[j] == g.total[j] else None,
+                                    "passed": bool(v == v and v >= d.threshold)})
+            write_shard(shards, first + b, samples)
+            log.info("distill: %d/%d prompts, %d samples, %.1f s", min(i + d.batch_prompts, len(todo)), len(todo),
+                     len(samples), time.perf_counter() - t0)
+    finally:
+        if pool is not None:
+            pool.close()
+    rows, report = build_dataset(read_shards(shards), d.keep)
+    report.update({"teacher": teacher.name, "keep": d.keep, "verify": verify, "threshold": d.threshold,
+                   "failed_requests": teacher.tally.failed, "retries": dict(teacher.tally.retries),
+                   "seconds": round(time.perf_counter() - t0, 1)})
+    if not rows:
+        raise ConfigError(f"distill: no sample passed {verify} >= {d.threshold} ({report['samples']} sampled): "
+                          "nothing to fine-tune on; check the teacher and distill.verify")
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(out))
+    ds.to_parquet(str(out / "data.parquet"))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log.info("distill: %s", json.dumps(report))
+    return out
