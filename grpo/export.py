@@ -19,15 +19,19 @@ import torch.distributed as dist
 import yaml
 
 from grpo import collectives as coll
+from grpo import lora
 from grpo.weights import checksum, checksums_match
 
 
 def state_dict_on_rank0(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The full state dict on rank 0 (None elsewhere); under ZeRO-3 gathered layer by layer."""
+    """The full state dict on rank 0 (None elsewhere); under ZeRO-3 gathered layer by layer; with LoRA, the
+    merged weights under their HF names."""
     if engine.zero_optimization_stage() == 3:
         return engine._zero3_consolidated_16bit_state_dict()
     if dist.get_rank() != 0:
         return None
+    if lora.active(engine.module):
+        return {k: v.cpu().clone() for k, v in lora.merged_parameters(engine.module)}
     return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
@@ -89,7 +93,8 @@ def _write_final(model: Any, state: dict[str, torch.Tensor] | None, tokenizer: A
                  cfg_dict: dict[str, Any], final_metrics: dict[str, Any]) -> None:
     assert state is not None
     numel = sum(v.numel() for v in {id(v): v for v in state.values()}.values())
-    expected = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    expected = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in model.named_parameters()
+                   if ".lora_" not in n)
     if numel < expected:  # ZeRO-3 exports can silently come out empty
         raise RuntimeError(f"final model export has {numel} values, expected at least {expected}")
     use_cache = model.config.use_cache
@@ -99,6 +104,8 @@ def _write_final(model: Any, state: dict[str, torch.Tensor] | None, tokenizer: A
     finally:
         model.config.use_cache = use_cache
     tokenizer.save_pretrained(out)
+    if lora.active(model):
+        lora.save_adapter(model, out / "adapter", cfg_dict["model"]["path"])
     (out / "README.md").write_text(model_card(cfg_dict, final_metrics, cfg_dict["model"]["path"]))
 
 

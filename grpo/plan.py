@@ -80,6 +80,17 @@ class Shape:
         return emb * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
 
 
+def lora_params(s: Shape, r: int, targets: str | list[str]) -> int:
+    """Adapter parameters: r x (in + out) for each targeted linear layer of every block (all-linear: all seven of
+    a Llama block; the head is never targeted)."""
+    q = s.heads * s.head_dim
+    dims = {"q_proj": (s.hidden, q), "k_proj": (s.hidden, s.kv_dim), "v_proj": (s.hidden, s.kv_dim),
+            "o_proj": (q, s.hidden), "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter),
+            "down_proj": (s.inter, s.hidden)}
+    names = list(dims) if targets == "all-linear" else [t for t in targets if t in dims]
+    return s.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
+
+
 def model_shape(path: str) -> Shape:
     if path in KNOWN_SHAPES:
         c = dict(KNOWN_SHAPES[path])
@@ -136,11 +147,13 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
     n = max(gpus, 1)
     mixed = cfg.model.dtype != "float32"
     t: dict[str, float] = {}
-    t["weights"] = P * b / (n if z == 3 else 1)
-    t["gradients"] = P * b / (n if z >= 2 else 1)
+    lc = cfg.model.lora
+    A = lora_params(s, lc.r, lc.target_modules) if lc.r else P  # what the optimizer trains (LoRA: the adapters)
+    t["weights"] = (P + (A if lc.r else 0)) * b / (n if z == 3 else 1)
+    t["gradients"] = A * b / (n if z >= 2 else 1)
     if cfg.model.dtype == "bfloat16" and z <= 1:  # grpo.engine: BF16_Optimizer sums gradients in fp32
-        t["fp32 gradient accumulation"] = P * 4.0
-    opt = P * (12 if mixed else 8)  # fp32 master copy + m + v, or m + v beside fp32 weights
+        t["fp32 gradient accumulation"] = A * 4.0
+    opt = A * (12 if mixed else 8)  # fp32 master copy + m + v, or m + v beside fp32 weights
     t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if z >= 1 else 1)
     if cfg.algo.beta > 0:
         t["reference model"] = P * b / (n if z == 3 else 1)

@@ -192,6 +192,10 @@ def sft(cfg: Config) -> Path:
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     model = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code)
+    if m.lora.r:
+        from grpo import lora
+
+        model = lora.apply(model, m.lora)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = build_policy_engine(model, cfg, shape.micro, shape.grad_accum)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo import prefix_attention
+from grpo import lora, prefix_attention
 from grpo.config import Config, ConfigError
 from grpo.data import PromptSet, load_rows, render
 from grpo.engine import build_policy_engine, build_reference, check_device_options, init_distributed, pick_device
@@ -87,6 +87,8 @@ def setup(cfg: Config) -> RunState:
         raise ConfigError(f"data: {len(prompts.rows)} training prompts, fewer than rollout.prompts_per_step="
                           f"{cfg.rollout.prompts_per_step}")
     model = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code)
+    if m.lora.r:
+        model = lora.apply(model, m.lora)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = build_policy_engine(_layout_ready(cfg, model), cfg, cfg.optim.micro_batch_size, shape.grad_accum)

@@ -32,8 +32,9 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
+from grpo.lora import hf_name
 from grpo.server_client import ServerError, parallel, request
-from grpo.weights import checksum, weight_buckets
+from grpo.weights import _buckets, checksum, weight_buckets
 
 BROADCAST = "grpo_broadcast"
 
@@ -59,7 +60,8 @@ class ModelSource(WeightSource):
         self._pass: Iterator[tuple[str, torch.Tensor]] | None = None
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.model.named_parameters()]
+        return [ParamMeta(hf_name(n), p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
+                for n, p in self.model.named_parameters() if hf_name(n) is not None]  # LoRA: merged, HF names
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         self._pass = self._walk()
@@ -128,20 +130,6 @@ def dtype_groups(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, list
     return list(by.items())
 
 
-def _rebucket(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int
-              ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in pairs:
-        bucket.append((name, t))
-        size += t.numel() * t.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
-
-
 @dataclass
 class BroadcastTrainerInitInfo(TrainerInitInfo):
     backend: ClassVar[str] = BROADCAST
@@ -188,7 +176,7 @@ class BroadcastTrainerEngine(TrainerWeightTransferEngine[BroadcastTrainerInitInf
         # vLLM's own check that iteration agrees with metadata() (what its NCCL engine sizes buffers from), so the
         # CPU path holds our source to the contract the GPU path relies on
         pairs = Nccl._checked_iter(self.source, self.source.metadata())
-        for bucket in _rebucket(pairs, self.bucket_bytes):
+        for bucket in _buckets(pairs, self.bucket_bytes):
             self._send(bucket)
         self.client.finish_weight_update()
 

@@ -21,6 +21,11 @@ def weight_buckets(model: torch.nn.Module, bucket_bytes: int, zero3: bool
     """The trainer's parameters under their HF names, in buckets of about `bucket_bytes`. Under ZeRO-3 each bucket
     is gathered on entry and released after the consumer is done with it (every rank must iterate: gathering is
     collective)."""
+    from grpo import lora
+
+    if lora.active(model):  # merged adapters (LoRA runs below ZeRO-3: nothing to gather)
+        yield from _buckets(lora.merged_parameters(model), bucket_bytes)
+        return
     params = [(n, p) for n, p in model.named_parameters()]
     bucket: list[tuple[str, torch.nn.Parameter]] = []
     size = 0
@@ -43,6 +48,19 @@ def weight_buckets(model: torch.nn.Module, bucket_bytes: int, zero3: bool
             bucket, size = [], 0
     if bucket:
         yield from emit(bucket)
+
+
+def _buckets(pairs, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in pairs:
+        bucket.append((name, t))
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
 def checksum(tensors, slice_numel: int = 1 << 24) -> tuple[float, float]:

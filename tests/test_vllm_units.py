@@ -212,7 +212,7 @@ def test_model_source_agrees_with_its_metadata_and_sums_what_it_yields():
     assert source.sent is None
     source.finish_pass()  # walks the rest (the other ranks' gathers)
     assert source.sent == checksum(model.parameters())
-    buckets = list(transfer._rebucket(iter(pairs), 64))
+    buckets = list(transfer._buckets(iter(pairs), 64))
     assert [[n for n, _ in b] for b in buckets] == [["0.weight"], ["1.weight", "1.bias"]]  # 160 B, then 48 + 12
     assert transfer.dtype_groups(buckets[1]) == [("float32", [("1.weight", [3, 4]), ("1.bias", [3])])]
 

