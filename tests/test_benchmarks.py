@@ -89,6 +89,17 @@ def test_compare_trl_runs_both_trainers(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_compare_trl_sft_runs_both_trainers(tmp_path):
+    out = tmp_path / "r.json"
+    p = _run("compare_trl_sft.py", "--steps", "2", "--rows", "64", "--json", str(out))
+    res = json.loads(out.read_text())
+    for k in ("ours", "trl"):
+        assert res[k]["step_s"] > 0 and res[k]["peak_gib"] > 0 and res[k]["tokens_per_s"] > 0, res
+    assert "ours/TRL" in p.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_generation_runs(tmp_path):
     out = tmp_path / "r.json"

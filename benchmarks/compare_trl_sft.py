@@ -1,0 +1,163 @@
+"""`grpo sft` side by side with TRL's SFTTrainer, in the same run on the same machine: tokens per second and peak
+memory, for the same model (the embedded SmolLM2-135M), data, batch and optimizer settings.
+
+    .venv/bin/python benchmarks/compare_trl_sft.py [--steps 6] [--rows 256] [--json out.json]
+    python benchmarks/compare_trl_sft.py --device cuda --dtype bfloat16          # on a GPU machine
+
+The data: the default task's training prompts (TRL's conversational prompt/completion format), each answered by
+a worked completion of 20-40 tokens. Both train on the completion tokens only, batches of 32 sequences in
+micro-batches of 8, AdamW lr 2e-5, grad clip 1.0; TRL with its defaults otherwise (padding to the longest in the
+micro-batch; its `padding_free` needs flash-attention). Each trainer runs in its own process (each peak memory is
+its own), one after the other; the first step is a warm-up, left out of the medians. Tokens per second count the
+same tokens for both (prompt and completion tokens of the step's sequences, no padding) over the step's time.
+Peak memory is the process's peak RSS on CPU, the peak CUDA memory allocated on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+BATCH, MICRO, LR = 32, 8, 2e-5
+
+
+def write_data(path: Path, rows: int) -> None:
+    """Prompt/completion rows: the task's prompts, completions that show the sum being worked out."""
+    sys.path.insert(0, str(ROOT))
+    from grpo.config import load_config
+    from grpo.data import load_rows
+
+    cfg = load_config(RECIPE, [f"data.num_train={rows}"])
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for r in load_rows(cfg.data)[0][:rows]:
+            steps = " ".join(f"Step {i + 1}: keep going." for i in range(rng.randint(1, 5)))
+            f.write(json.dumps({"prompt": [{"role": "system", "content": cfg.data.system_prompt},
+                                           {"role": "user", "content": r["question"]}],
+                                "completion": [{"role": "assistant",
+                                                "content": f"{steps} The answer is {r['answer']}."}]}) + "\n")
+
+
+def step_tokens(data: Path) -> list[int]:
+    """Prompt + completion tokens per row, as both trainers tokenize them (the chat template)."""
+    from grpo.config import load_config
+    from grpo.model import load_tokenizer, resolve_model_path
+    from grpo.sft import load_examples
+
+    cfg = load_config(RECIPE, [f"sft.data={data}"])
+    tok = load_tokenizer(resolve_model_path(cfg.model.path))
+    return [len(e.prompt_ids) + len(e.completion_ids) for e in load_examples(cfg, tok)]
+
+
+def run_ours(data: Path, steps: int, device: str, dtype: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [f"output_dir={tmp}/run", f"sft.data={data}", f"sft.batch_size={BATCH}",
+                f"optim.micro_batch_size={MICRO}", f"optim.lr={LR}", "checkpoint.every=0",
+                "checkpoint.save_final_model=false", f"device={device}", f"model.dtype={dtype}",
+                f"sft.epochs={steps * BATCH / len(step_tokens(data))}"]
+        env = {**os.environ, "DS_ACCELERATOR": device, "WANDB_MODE": "disabled"}
+        p = subprocess.run([sys.executable, "-m", "grpo", "sft", str(RECIPE), *args], env=env, cwd=ROOT,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-3000:])
+        m = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    return {"step_s": statistics.median(r["time/step"] for r in m),
+            "tokens_per_s": statistics.median(r["tokens_per_second"] for r in m),
+            "peak_gib": max(r["memory/peak_gib"] for r in m), "loss_last": m[-1]["loss"]}
+
+
+def trl_child(data: Path, steps: int, device: str, dtype: str) -> None:
+    """Runs inside its own process: TRL's SFTTrainer on the same rows, prints one JSON line."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from grpo.model import embedded_model_dir, load_tokenizer
+
+    path = str(embedded_model_dir())
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    ds = load_dataset("json", data_files=str(data), split="train")
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=MICRO,
+                     gradient_accumulation_steps=BATCH // MICRO, learning_rate=LR, lr_scheduler_type="constant",
+                     max_grad_norm=1.0, bf16=dtype == "bfloat16", use_cpu=device == "cpu", logging_steps=1,
+                     report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0,
+                     completion_only_loss=True, max_length=512)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    times: list[float] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    print(json.dumps({"step_s": statistics.median(times[1:]), "loss_last": losses[-1] if losses else None,
+                      "peak_gib": (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
+                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)}))
+
+
+def run_trl(data: Path, steps: int, device: str, dtype: str) -> dict:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"
+    p = subprocess.run([sys.executable, __file__, "--child-trl", str(data), "--steps", str(steps), "--device", device,
+                        "--dtype", dtype], env=env, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--child-trl", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_trl:
+        trl_child(Path(args.child_trl), args.steps, args.device, args.dtype)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "sft.jsonl"
+        write_data(data, args.rows)
+        lengths = step_tokens(data)
+        ours = run_ours(data, args.steps, args.device, args.dtype)
+        trl = run_trl(data, args.steps, args.device, args.dtype)
+    trl["tokens_per_s"] = statistics.mean(lengths) * BATCH / trl["step_s"]  # the same tokens per step as ours
+    print(f"{'':<16}{'ours':>10}{'TRL':>10}{'ours/TRL':>10}")
+    for k in ("step_s", "tokens_per_s", "peak_gib", "loss_last"):
+        a, b = ours.get(k), trl.get(k)
+        ratio = f"{a / b:10.2f}" if a is not None and b else f"{'':>10}"
+        print(f"{k:<16}{a if a is not None else float('nan'):10.2f}{b if b is not None else float('nan'):10.2f}"
+              f"{ratio}")
+    print(f"({len(lengths)} rows, {statistics.mean(lengths):.1f} tokens each on average; batches of {BATCH}, "
+          f"micro-batches of {MICRO})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ours": ours, "trl": trl}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
