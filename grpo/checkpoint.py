@@ -131,8 +131,17 @@ SCHEDULE_KEYS = ("optim.lr", "optim.schedule", "optim.warmup_steps")
 HORIZON_KEYS = ("steps", "algo.num_iterations")
 
 
+def _has(d: dict[str, Any], dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    changed = [k for k in MUST_MATCH if _get(saved, k) != _get(current, k)]
+    # a key the saved config does not have was added since (sft.*): nothing to compare it with
+    changed = [k for k in MUST_MATCH if _has(saved, k) and _get(saved, k) != _get(current, k)]
     if changed:
         raise ConfigError(f"checkpoint {path} was written with a different {', '.join(changed)} "
                            f"({[_get(saved, k) for k in changed]} -> {[_get(current, k) for k in changed]}); "

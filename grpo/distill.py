@@ -18,6 +18,7 @@ token count per row.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo.config import Config, ConfigError, TeacherConfig
-from grpo.data import PromptSet, load_rows, render
+from grpo.data import load_rows, render
 from grpo.rollout import Completion, SamplingParams
 from grpo.scoring import score_groups
 
@@ -81,9 +82,10 @@ def request_samples(t: TeacherConfig, messages: list[dict[str, str]], n: int, pa
                 answer = json.loads(r.read())
             choices = answer.get("choices") if isinstance(answer, dict) else None
             out = [(_text(c["message"]), c.get("finish_reason") or "stop") for c in choices or []]
-            if out:
+            if len(out) == n:
                 return out
-            reason, tally.last_error = "garbage", f"{url}: an answer with no completions: {str(answer)[:200]}"
+            reason, tally.last_error = "garbage", (f"{url}: asked for n={n} completions, got {len(out)} (does the "
+                                                   f"endpoint support n?): {str(answer)[:200]}")
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:300]
             tally.last_error = f"{url} answered {e.code}: {detail}"
@@ -94,7 +96,7 @@ def request_samples(t: TeacherConfig, messages: list[dict[str, str]], n: int, pa
             else:
                 hint = f" (is {t.api_key_env} set?)" if e.code in (401, 403) else ""
                 raise TeacherError(f"teacher {tally.last_error}{hint}") from None
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
             reason, tally.last_error = "unreachable", f"{url} did not answer: {getattr(e, 'reason', e)}"
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             reason, tally.last_error = "garbage", f"{url}: an answer that is not a chat completion ({e!r:.200})"
@@ -140,7 +142,7 @@ class EndpointTeacher:
 class LocalTeacher:
     """A local model sampled in this process, by the recipe's in-process engine (hf, or colocated vllm)."""
 
-    def __init__(self, cfg: Config, path: str, data: PromptSet):
+    def __init__(self, cfg: Config, path: str, raw_rows: list[dict[str, Any]]):
         from grpo.engine import pick_device
         from grpo.model import load_model, load_tokenizer, resolve_model_path
         from grpo.rollout import HFEngine, stop_ids
@@ -151,7 +153,9 @@ class LocalTeacher:
         path = resolve_model_path(path)
         self.name, self.tally = path, Tally()
         self.tok = load_tokenizer(path, None, m.trust_remote_code)
-        self.rendered = {r["prompt_id"]: r for r in render(data.rows, cfg.data, self.tok).rows}
+        # the raw rows, rendered with the teacher's own tokenizer and chat template (a prompt too long for it is
+        # dropped by render and comes back as a failed prompt)
+        self.rendered = {r["prompt_id"]: r for r in render(raw_rows, cfg.data, self.tok).rows}
         model = load_model(path, m.dtype, m.attn_implementation, None, m.trust_remote_code)
         device = pick_device(cfg.device)
         if cfg.rollout.engine == "hf":
@@ -164,8 +168,17 @@ class LocalTeacher:
                                      probe_ids(self.tok, first), getattr(model.config, "max_position_embeddings", None))
 
     def sample(self, rows: list[dict[str, Any]], n: int, params: SamplingParams) -> list[list[Completion] | None]:
-        ids = [self.rendered[r["prompt_id"]]["prompt_ids"] for r in rows]
-        return list(self.engine.generate(ids, n, params))
+        known = [r for r in rows if r["prompt_id"] in self.rendered]
+        comps = iter(self.engine.generate([self.rendered[r["prompt_id"]]["prompt_ids"] for r in known], n, params))
+        out: list[list[Completion] | None] = []
+        for r in rows:
+            if r["prompt_id"] not in self.rendered:
+                self.tally.failed += 1
+                out.append(None)
+                continue
+            # the student's prompt ids go with the teacher's completion (the record is the student's row)
+            out.append([Completion(r["prompt_ids"], c.ids, c.text, c.logprobs, c.finish_reason) for c in next(comps)])
+        return out
 
 
 def read_shards(folder: Path) -> list[dict[str, Any]]:
@@ -250,8 +263,11 @@ def distill(cfg: Config) -> Path:
     todo = [r for r in todo_rows if r["prompt_id"] not in done]
     if done:
         log.info("distill: %d prompts already in %s, %d to go", len(done), shards, len(todo))
-    teacher = EndpointTeacher(t, tok) if t.url else LocalTeacher(cfg, t.model, PromptSet(todo_rows, prompts.columns,
-                                                                                          [], prompts.conversational))
+    if t.url:
+        teacher: EndpointTeacher | LocalTeacher = EndpointTeacher(t, tok)
+    else:
+        wanted = {r["prompt_id"] for r in todo}
+        teacher = LocalTeacher(cfg, t.model, [r for r in train_rows if r["prompt_id"] in wanted])
     r = cfg.rollout
     params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
     sampling = json.dumps({"n": d.num_samples, "temperature": r.temperature, "top_p": r.top_p,

@@ -87,6 +87,8 @@ def lora_params(s: Shape, r: int, targets: str | list[str]) -> int:
     dims = {"q_proj": (s.hidden, q), "k_proj": (s.hidden, s.kv_dim), "v_proj": (s.hidden, s.kv_dim),
             "o_proj": (q, s.hidden), "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter),
             "down_proj": (s.inter, s.hidden)}
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]
     names = list(dims) if targets == "all-linear" else [t for t in targets if t in dims]
     return s.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
 

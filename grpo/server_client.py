@@ -185,7 +185,7 @@ class ServerEngine:
                 self._all(f"/pause?mode={self.pause_mode}&clear_cache=true")
             except ServerError as e:
                 failure = e
-        self.source.model = model
+        self.source.begin(model)
         self.client.version = version
         try:
             if failure is None:

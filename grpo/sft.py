@@ -97,9 +97,11 @@ def load_examples(cfg: Config, tok, context: int | None = None) -> list[Sequence
     rows = read_table(s.data)
     if not rows:
         raise ConfigError(f"sft.data: {s.data} has no rows")
-    out, empty, long = [], [], []
+    out, empty, long, no_prompt = [], [], [], []
     for i, row in enumerate(rows):
         p, c = tokenize_row(row, i, tok)
+        if not p:  # the first completion token needs a position before it
+            no_prompt.append(i)
         if not c:
             empty.append(i)
         elif len(p) + len(c) > limit:
@@ -113,6 +115,9 @@ def load_examples(cfg: Config, tok, context: int | None = None) -> list[Sequence
 
     if empty:
         raise ConfigError(f"sft.data: rows with no completion tokens: {some(empty)}")
+    if no_prompt:
+        raise ConfigError(f"sft.data: rows whose prompt has no tokens (this tokenizer adds no BOS): "
+                          f"{some(no_prompt)}")
     if long:
         raise ConfigError(f"sft.data: rows longer than {what} (prompt + completion): {some(long)}; drop them, "
                           "or raise sft.max_length (within the model's context)")
@@ -187,7 +192,8 @@ def sft(cfg: Config) -> Path:
     examples = load_examples(cfg, tok, context)
     rank, world = init_distributed(device)
     shape = sft_shape(cfg, len(examples), world)
-    cfg = cfg.model_copy(update={"steps": shape.steps})  # the LR schedule's horizon
+    # the LR schedule's horizon: one update per step (algo.num_iterations is GRPO's)
+    cfg = cfg.model_copy(update={"steps": shape.steps, "algo": cfg.algo.model_copy(update={"num_iterations": 1})})
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)

@@ -58,13 +58,18 @@ class ModelSource(WeightSource):
         self.zero3, self.bucket_bytes, self.sums = zero3, bucket_bytes, sums
         self.sent: tuple[float, float] | None = None  # of the last complete pass
         self._pass: Iterator[tuple[str, torch.Tensor]] | None = None
+        self._started = False
 
     def metadata(self) -> list[ParamMeta]:
         return [ParamMeta(hf_name(n), p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
                 for n, p in self.model.named_parameters() if hf_name(n) is not None]  # LoRA: merged, HF names
 
+    def begin(self, model: torch.nn.Module) -> None:
+        """A new sync of `model`: no pass taken yet."""
+        self.model, self._pass, self._started = model, None, False
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        self._pass = self._walk()
+        self._pass, self._started = self._walk(), True
         return self._pass
 
     def _walk(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -78,10 +83,12 @@ class ModelSource(WeightSource):
         self.sent = (s, q)
 
     def finish_pass(self) -> None:
-        if self._pass is not None:
-            for _ in self._pass:
-                pass
-            self._pass = None
+        """Walk what this sync's pass left (after a failed send), or a whole pass when none was taken (a failure
+        before the send): every rank must take part in every gather of the sync, whatever failed on rank 0."""
+        rest = self._pass if self._started else self._walk()
+        for _ in rest or ():
+            pass
+        self._pass, self._started = None, True
 
 
 class ServersClient:

@@ -58,6 +58,7 @@ def test_plan_counts_the_adapters_peft_creates(embedded_dir):
     model = lora.apply(load_model(str(embedded_dir), "float32"), cfg.model.lora)
     assert sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) == 4_884_480
     assert lora_params(shape, 8, ["q_proj", "v_proj"]) == 30 * 8 * (1152 + 768)
+    assert lora_params(shape, 8, "q_proj") == 30 * 8 * 1152  # one name as a string
     full, adapted = plan(load_config(RECIPE), 1, None).terms_gib, plan(cfg, 1, None).terms_gib
     assert adapted["optimizer states"] == pytest.approx(full["optimizer states"] * 4_884_480 / shape.params())
     assert adapted["weights"] > full["weights"]
@@ -116,3 +117,18 @@ def test_lora_with_colocated_vllm_passes_every_sync_check(tmp_path, vllm_tiny_di
     assert [r["step"] for r in m] == [1, 2, 3]
     for r in m:
         assert r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 and r["grad_norm"] > 0
+
+
+@pytest.mark.unit
+def test_checkpoints_from_before_the_sft_keys_still_resume(tmp_path):
+    """A checkpoint's saved config without the sft section (written before it existed) is not a changed sft.data."""
+    from grpo.checkpoint import check_compatible
+    from grpo.config import ConfigError, to_dict
+
+    current = to_dict(load_config(RECIPE))
+    saved = {k: v for k, v in current.items() if k != "sft"}
+    check_compatible(saved, current, tmp_path)
+    changed = json.loads(json.dumps(current))
+    changed["sft"]["batch_size"] = 64
+    with pytest.raises(ConfigError, match="different sft.batch_size"):
+        check_compatible(changed, current, tmp_path)

@@ -68,6 +68,10 @@ def test_bad_rows_fail_at_start_up_by_number(tmp_path, tokenizer):
     assert [len(e.completion_ids) for e in ex] == [2, 1]  # "2" + EOS; "" + EOS: EOS is still a target
     with pytest.raises(ConfigError, match="sft.data: .*missing.jsonl is neither a save_to_disk folder"):
         load_examples(load_config(RECIPE, [f"sft.data={tmp_path / 'missing.jsonl'}"]), tokenizer)
+    assert tokenizer("")["input_ids"] == []  # SmolLM2 adds no BOS: an empty text prompt has no tokens at all
+    blank = _write(tmp_path / "b.jsonl", [{"prompt": "1 + 1 =", "completion": "2"}, {"prompt": "", "completion": "2"}])
+    with pytest.raises(ConfigError, match="rows whose prompt has no tokens .*: 1$"):
+        load_examples(load_config(RECIPE, [f"sft.data={blank}"]), tokenizer)
     empty = _write(tmp_path / "e.jsonl", [{"prompt": [SYSTEM], "completion": []}])
     with pytest.raises(ConfigError, match="completion"):
         load_examples(load_config(RECIPE, [f"sft.data={empty}"]), tokenizer)

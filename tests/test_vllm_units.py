@@ -207,10 +207,15 @@ def test_model_source_agrees_with_its_metadata_and_sums_what_it_yields():
     pairs = list(Nccl._checked_iter(source, source.metadata()))  # vLLM's own contract check
     assert [n for n, _ in pairs] == ["0.weight", "1.weight", "1.bias"]
     assert source.sent == checksum(model.parameters())
+    source.begin(model)
     it = iter(source)
     next(it)  # a send that failed after one tensor
     assert source.sent is None
     source.finish_pass()  # walks the rest (the other ranks' gathers)
+    assert source.sent == checksum(model.parameters())
+    source.begin(model)
+    source.sent = None
+    source.finish_pass()  # rank 0 failed before sending (a dead server at /pause): a whole pass, gathers included
     assert source.sent == checksum(model.parameters())
     buckets = list(transfer._buckets(iter(pairs), 64))
     assert [[n for n, _ in b] for b in buckets] == [["0.weight"], ["1.weight", "1.bias"]]  # 160 B, then 48 + 12
