@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import report  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
 PROMPTS, G, LR, MICRO = 8, 8, 3e-5, 16
 
@@ -150,16 +153,9 @@ def main() -> None:
         return
     ours = run_ours(*setting)
     trl = run_trl(*setting)
-    print(f"{'':<16}{'ours':>10}{'TRL':>10}{'ours/TRL':>10}")
-    for k in ("step_s", "generate_s", "update_s", "peak_gib", "reward_mean"):
-        a, b = ours.get(k), trl.get(k)
-        ratio = f"{a / b:10.2f}" if a is not None and b else f"{'':>10}"
-        print(f"{k:<16}{a if a is not None else float('nan'):10.2f}{b if b is not None else float('nan'):10.2f}"
-              f"{ratio}")
+    report(ours, trl, ("step_s", "generate_s", "update_s", "peak_gib", "reward_mean"), args.json)
     print(f"(ours also: score {ours['score_s']:.2f}s, sync {ours['sync_s']:.3f}s, "
           f"{ours['tokens_per_s']:.1f} generated tokens/s; TRL's generate includes its scoring)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ours": ours, "trl": trl}, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,13 +28,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import report  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
 BATCH, MICRO, LR = 32, 8, 2e-5
 
 
 def write_data(path: Path, rows: int) -> None:
     """Prompt/completion rows: the task's prompts, completions that show the sum being worked out."""
-    sys.path.insert(0, str(ROOT))
     from grpo.config import load_config
     from grpo.data import load_rows
 
@@ -147,16 +149,9 @@ def main() -> None:
         ours = run_ours(data, args.steps, args.device, args.dtype)
         trl = run_trl(data, args.steps, args.device, args.dtype)
     trl["tokens_per_s"] = statistics.mean(lengths) * BATCH / trl["step_s"]  # the same tokens per step as ours
-    print(f"{'':<16}{'ours':>10}{'TRL':>10}{'ours/TRL':>10}")
-    for k in ("step_s", "tokens_per_s", "peak_gib", "loss_last"):
-        a, b = ours.get(k), trl.get(k)
-        ratio = f"{a / b:10.2f}" if a is not None and b else f"{'':>10}"
-        print(f"{k:<16}{a if a is not None else float('nan'):10.2f}{b if b is not None else float('nan'):10.2f}"
-              f"{ratio}")
+    report(ours, trl, ("step_s", "tokens_per_s", "peak_gib", "loss_last"), args.json)
     print(f"({len(lengths)} rows, {statistics.mean(lengths):.1f} tokens each on average; batches of {BATCH}, "
           f"micro-batches of {MICRO})")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ours": ours, "trl": trl}, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,8 +177,8 @@ def sft(cfg: Config) -> Path:
     from grpo.engine import build_policy_engine, check_device_options, init_distributed, pick_device
     from grpo.export import save_final
     from grpo.model import hub_kwargs, load_model, load_tokenizer, resolve_model_path
-    from grpo.tracking import Metrics, peak_memory_gib
-    from grpo.train import Preempted, StopFlag, last_metrics
+    from grpo.tracking import peak_memory_gib
+    from grpo.train import StopFlag, last_metrics, open_run, stop_for_requeue
 
     device = pick_device(cfg.device)
     check_device_options(cfg, device)
@@ -206,20 +205,9 @@ def sft(cfg: Config) -> Path:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = build_policy_engine(model, cfg, shape.micro, shape.grad_accum)
     run_dir = Path(cfg.output_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    coll.barrier()
     sampler = PromptSampler(len(examples), cfg.seed)
-    start, wandb_id = 0, None
-    resumed = ckpt.load_latest(engine, run_dir / "checkpoints", cfg.checkpoint.resume, rank, world, to_dict(cfg))
-    if resumed is not None:
-        path, meta = resumed
-        start, wandb_id = meta["step"], meta.get("wandb_id")
-        sampler.load_state(meta["sampler"])
-        log.info("resumed from %s at step %d", path, start)
-    metrics = Metrics(run_dir, to_dict(cfg), cfg.log.wandb, cfg.log.wandb_project, wandb_id) if rank == 0 else None
+    start, metrics = open_run(cfg, engine, rank, world, sampler)
     if metrics is not None:
-        metrics.truncate_after(start)
         log.info("sft: %d examples, %d steps of %d sequences (%d micro-batches of %d per rank)", len(examples),
                  shape.steps, cfg.sft.batch_size, shape.grad_accum, shape.micro)
     stop = StopFlag()
@@ -242,11 +230,7 @@ def sft(cfg: Config) -> Path:
                         "wandb_id": metrics.wandb_id if metrics else None, "config": to_dict(cfg)}
                 ckpt.save(engine, run_dir / "checkpoints", step, meta, rank, cfg.checkpoint.keep)
             if stopping and step < shape.steps:
-                marker = os.environ.get("GRPO_PREEMPT_MARKER")
-                if marker and rank == 0:
-                    Path(marker).write_text(f"{step}\n")
-                raise Preempted(f"stopped by signal after step {step}; checkpoint written, resume with the same "
-                                "command")
+                stop_for_requeue(step, rank)
         if cfg.checkpoint.save_final_model:
             save_final(engine, tok, run_dir / "final", to_dict(cfg), last_metrics(run_dir) if rank == 0 else {})
     finally:

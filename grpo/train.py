@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -62,6 +62,15 @@ class StopFlag:
 
     def agreed(self) -> bool:
         return coll.any_rank(self.signum is not None)
+
+
+def stop_for_requeue(step: int, rank: int) -> NoReturn:
+    """After the signal's checkpoint: leave the marker launchers need (torchrun hides our exit code) and raise
+    Preempted, which the CLI turns into PREEMPTED_EXIT."""
+    marker = os.environ.get("GRPO_PREEMPT_MARKER")
+    if marker and rank == 0:
+        Path(marker).write_text(f"{step}\n")
+    raise Preempted(f"stopped by signal after step {step}; checkpoint written, resume with the same command")
 
 
 def log_step(cfg: Config, run: RunState, step: int, ro: Rollouts, upd: dict[str, float], trainer_lp: list,
@@ -158,23 +167,23 @@ class Progress:
             self.bar.close()
 
 
-def open_run(cfg: Config, run: RunState, sampler: PromptSampler) -> tuple[int, Metrics | None]:
-    """The run directory, the checkpoint to resume from (the step it ends), and rank 0's metrics writer."""
+def open_run(cfg: Config, engine, rank: int, world: int, sampler: PromptSampler) -> tuple[int, Metrics | None]:
+    """The run directory, the checkpoint to resume from (the step it ends), and rank 0's metrics writer (grpo train
+    and grpo sft alike)."""
     run_dir = Path(cfg.output_dir)
-    if run.rank == 0:
+    if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     coll.barrier()
     start, wandb_id = 0, None
-    resumed = ckpt.load_latest(run.engine, run_dir / "checkpoints", cfg.checkpoint.resume, run.rank, run.world,
-                               to_dict(cfg))
+    resumed = ckpt.load_latest(engine, run_dir / "checkpoints", cfg.checkpoint.resume, rank, world, to_dict(cfg))
     if resumed is not None:
         path, meta = resumed
         start, wandb_id = meta["step"], meta.get("wandb_id")
         sampler.load_state(meta["sampler"])
         log.info("resumed from %s at step %d", path, start)
     metrics = None
-    if run.rank == 0:
+    if rank == 0:
         metrics = Metrics(run_dir, to_dict(cfg), cfg.log.wandb, cfg.log.wandb_project, wandb_id)
         metrics.truncate_after(start)  # lines written after the checkpoint we resume from are redone
     return start, metrics
@@ -185,7 +194,7 @@ def train(cfg: Config) -> Path:
     stop = StopFlag()
     run_dir = Path(cfg.output_dir)
     sampler = PromptSampler(len(run.prompts.rows), cfg.seed)
-    start, metrics = open_run(cfg, run, sampler)
+    start, metrics = open_run(cfg, run.engine, run.rank, run.world, sampler)
     if cfg.rollout.engine != "hf":  # the engine loaded model.path: check the pipeline, and catch up on a resume
         log.info("initial weight sync: %s", run.rollout.sync(run.engine.module, start))
     if start == 0 and cfg.eval.at_start:
@@ -208,11 +217,7 @@ def train(cfg: Config) -> Path:
                 meta = checkpoint_meta(cfg, run, sampler, step, metrics.wandb_id if metrics else None, pipe)
                 ckpt.save(run.engine, run_dir / "checkpoints", step, meta, run.rank, cfg.checkpoint.keep)
             if stopping and step < cfg.steps:
-                marker = os.environ.get("GRPO_PREEMPT_MARKER")  # launchers (torchrun) hide our exit code
-                if marker and run.rank == 0:
-                    Path(marker).write_text(f"{step}\n")
-                raise Preempted(f"stopped by signal after step {step}; checkpoint written, resume with the same "
-                                "command")
+                stop_for_requeue(step, run.rank)
         if cfg.checkpoint.save_final_model:
             save_final(run.engine, run.tok, run_dir / "final", to_dict(cfg),
                        last_metrics(run_dir) if run.rank == 0 else {})
