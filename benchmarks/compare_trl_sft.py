@@ -1,16 +1,18 @@
 """`grpo sft` side by side with TRL's SFTTrainer, in the same run on the same machine: tokens per second and peak
 memory, for the same model (the embedded SmolLM2-135M), data, batch and optimizer settings.
 
-    .venv/bin/python benchmarks/compare_trl_sft.py [--steps 6] [--rows 256] [--json out.json]
+    .venv/bin/python benchmarks/compare_trl_sft.py [--steps 6] [--rows 256] [--no-gradient-checkpointing]
     python benchmarks/compare_trl_sft.py --device cuda --dtype bfloat16          # on a GPU machine
 
-The data: the default task's training prompts (TRL's conversational prompt/completion format), each answered by
-a worked completion of 20-40 tokens. Both train on the completion tokens only, batches of 32 sequences in
-micro-batches of 8, AdamW lr 2e-5, grad clip 1.0; TRL with its defaults otherwise (padding to the longest in the
-micro-batch; its `padding_free` needs flash-attention). Each trainer runs in its own process (each peak memory is
-its own), one after the other; the first step is a warm-up, left out of the medians. Tokens per second count the
-same tokens for both (prompt and completion tokens of the step's sequences, no padding) over the step's time.
-Peak memory is the process's peak RSS on CPU, the peak CUDA memory allocated on a GPU.
+The data: the default task's training prompts (TRL's conversational prompt/completion format), each answered by a
+worked completion of 20-40 tokens. Both train on the completion tokens only, batches of 32 sequences in micro-
+batches of 8, AdamW lr 2e-5 (betas 0.9/0.999, no warm-up, constant), grad clip 1.0, and the same gradient
+checkpointing setting (on by default, as in TRL's SFTConfig; `--no-gradient-checkpointing` turns it off for both);
+TRL with its defaults otherwise (padding to the longest in the micro-batch; its `padding_free` needs flash-
+attention). Each trainer runs in its own process (each peak memory is its own), one after the other; the first step
+is a warm-up, left out of the medians. Tokens per second count the same tokens for both (prompt and completion
+tokens of the step's sequences, no padding) over the step's time. Peak memory is the process's peak RSS on CPU, the
+peak CUDA memory allocated on a GPU.
 """
 
 from __future__ import annotations
@@ -62,11 +64,13 @@ def step_tokens(data: Path) -> list[int]:
     return [len(e.prompt_ids) + len(e.completion_ids) for e in load_examples(cfg, tok)]
 
 
-def run_ours(data: Path, steps: int, device: str, dtype: str) -> dict:
+def run_ours(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = [f"output_dir={tmp}/run", f"sft.data={data}", f"sft.batch_size={BATCH}",
                 f"optim.micro_batch_size={MICRO}", f"optim.lr={LR}", "checkpoint.every=0",
+                "optim.warmup_steps=0", "optim.schedule=constant", "optim.betas=[0.9,0.999]",  # TRL's defaults
                 "checkpoint.save_final_model=false", f"device={device}", f"model.dtype={dtype}",
+                f"model.gradient_checkpointing={str(ckpt).lower()}",
                 f"sft.epochs={steps * BATCH / len(step_tokens(data))}"]
         env = {**os.environ, "DS_ACCELERATOR": device, "WANDB_MODE": "disabled"}
         p = subprocess.run([sys.executable, "-m", "grpo", "sft", str(RECIPE), *args], env=env, cwd=ROOT,
@@ -79,7 +83,7 @@ def run_ours(data: Path, steps: int, device: str, dtype: str) -> dict:
             "peak_gib": max(r["memory/peak_gib"] for r in m), "loss_last": m[-1]["loss"]}
 
 
-def trl_child(data: Path, steps: int, device: str, dtype: str) -> None:
+def trl_child(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> None:
     """Runs inside its own process: TRL's SFTTrainer on the same rows, prints one JSON line."""
     import torch
     from datasets import load_dataset
@@ -96,7 +100,7 @@ def trl_child(data: Path, steps: int, device: str, dtype: str) -> None:
                      gradient_accumulation_steps=BATCH // MICRO, learning_rate=LR, lr_scheduler_type="constant",
                      max_grad_norm=1.0, bf16=dtype == "bfloat16", use_cpu=device == "cpu", logging_steps=1,
                      report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0,
-                     completion_only_loss=True, max_length=512)
+                     completion_only_loss=True, max_length=512, gradient_checkpointing=ckpt)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     times: list[float] = []
     losses: list[float] = []
@@ -119,12 +123,13 @@ def trl_child(data: Path, steps: int, device: str, dtype: str) -> None:
                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)}))
 
 
-def run_trl(data: Path, steps: int, device: str, dtype: str) -> dict:
+def run_trl(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     if device == "cpu":
         env["ACCELERATE_USE_CPU"] = "1"
-    p = subprocess.run([sys.executable, __file__, "--child-trl", str(data), "--steps", str(steps), "--device", device,
-                        "--dtype", dtype], env=env, cwd=ROOT, capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--child-trl", str(data), "--steps", str(steps), "--device", device,
+           "--dtype", dtype] + ([] if ckpt else ["--no-gradient-checkpointing"])
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-3000:])
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -137,21 +142,23 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--no-gradient-checkpointing", dest="ckpt", action="store_false",
+                    help="both trainers without gradient checkpointing (TRL's SFTConfig turns it on by default)")
     ap.add_argument("--child-trl", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_trl:
-        trl_child(Path(args.child_trl), args.steps, args.device, args.dtype)
+        trl_child(Path(args.child_trl), args.steps, args.device, args.dtype, args.ckpt)
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "sft.jsonl"
         write_data(data, args.rows)
         lengths = step_tokens(data)
-        ours = run_ours(data, args.steps, args.device, args.dtype)
-        trl = run_trl(data, args.steps, args.device, args.dtype)
+        ours = run_ours(data, args.steps, args.device, args.dtype, args.ckpt)
+        trl = run_trl(data, args.steps, args.device, args.dtype, args.ckpt)
     trl["tokens_per_s"] = statistics.mean(lengths) * BATCH / trl["step_s"]  # the same tokens per step as ours
     report(ours, trl, ("step_s", "tokens_per_s", "peak_gib", "loss_last"), args.json)
     print(f"({len(lengths)} rows, {statistics.mean(lengths):.1f} tokens each on average; batches of {BATCH}, "
-          f"micro-batches of {MICRO})")
+          f"micro-batches of {MICRO}; gradient checkpointing {'on' if args.ckpt else 'off'} for both)")
 
 
 if __name__ == "__main__":

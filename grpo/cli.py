@@ -72,7 +72,7 @@ def _serve(a) -> int:
 def _plan(a) -> int:
     from grpo.plan import main
 
-    return main(a.recipe, a.overrides, a.gpus, a.gpu_memory, a.device, a.json)
+    return main(a.recipe, a.overrides, a.gpus, a.gpu_memory, a.device, a.json, a.phase)
 
 
 def _doctor(a) -> int:
@@ -120,6 +120,8 @@ COMMANDS = {
         ("--gpus", {"type": int, "default": 1, "help": "GPUs (training ranks) the run uses"}),
         ("--gpu-memory", {"type": float, "default": None, "help": "GiB per GPU (e.g. 24, 80)"}),
         ("--device", {"choices": ("cuda", "cpu"), "default": "cuda"}),
+        ("--phase", {"choices": ("grpo", "sft"), "default": "grpo",
+                     "help": "the command to plan: grpo train (default) or grpo sft (no rollouts)"}),
         ("--json", {"action": "store_true"}))),
     "doctor": Command(_doctor, "exercise every path a recipe uses (devices, collectives, rollout engine and sync, "
                       "two training steps, memory, checkpoint) in minutes; a table and a verdict", (

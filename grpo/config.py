@@ -71,6 +71,14 @@ class LoraSettings(_Section):
     dropout: Num = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
     target_modules: Str | list[Str] = Field("all-linear", description="peft's target_modules: all-linear (every "
                                             "linear layer but the head), or names such as [q_proj, v_proj]")
+    quantize: Literal["none", "nf4", "fp4"] = Field(
+        "none", description="QLoRA: hold the frozen base in 4 bits (bitsandbytes; nf4 as in the QLoRA paper)")
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraSettings:
+        if self.quantize != "none" and not self.r:
+            raise _Bad("model.lora.quantize", "a 4-bit base is frozen: it needs LoRA adapters (model.lora.r > 0)")
+        return self
 
 
 class ModelConfig(_Section):

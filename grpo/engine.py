@@ -143,7 +143,32 @@ def build_policy_engine(model: torch.nn.Module, cfg: Config, micro_batch: int, g
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=ds_config(cfg, micro_batch, grad_accum), lr_scheduler=scheduler)
+    lean_stage0_allreduce(engine)
     return engine
+
+
+# Elements per flattened bucket of stage 0's gradient all-reduce (DeepSpeed's default is 5e8: the whole gradient
+# of any model under 500M parameters copied at once).
+ALLREDUCE_BUCKET = 2**25
+
+
+def lean_stage0_allreduce(engine) -> None:
+    """Stage 0 averages gradients over the ranks by flattening them into buckets of DeepSpeed's fixed 5e8 elements,
+    which is one extra full copy of the gradients at every step's peak, even with one rank (measured: +0.5 GiB
+    for the 135M model's fp32 gradients, most of what `grpo sft` held above TRL's SFTTrainer). With one rank
+    there is nothing to average: the all-reduce is off. With several, buckets of ALLREDUCE_BUCKET elements
+    bound the copy. Stages 1-3 reduce through their own optimizer's buckets, left as they are."""
+    import functools
+
+    import torch.distributed as dist
+
+    if engine.zero_optimization_stage() != 0:
+        return
+    if dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False
+    else:  # the engine calls self.allreduce_gradients() with its default bucket size
+        engine.allreduce_gradients = functools.partial(type(engine).allreduce_gradients, engine,
+                                                       bucket_size=ALLREDUCE_BUCKET)
 
 
 def build_reference(model: torch.nn.Module, cfg: Config, micro_batch: int, grad_accum: int):

@@ -100,7 +100,8 @@ def _write_final(model: Any, state: dict[str, torch.Tensor] | None, tokenizer: A
     use_cache = model.config.use_cache
     model.config.use_cache = True  # training turned the KV cache off; generation wants it back
     try:
-        model.save_pretrained(out, state_dict=state)
+        with lora.plain(model):
+            model.save_pretrained(out, state_dict=state)
     finally:
         model.config.use_cache = use_cache
     tokenizer.save_pretrained(out)

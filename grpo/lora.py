@@ -8,11 +8,18 @@ weights (W + scale * B @ A, under the HF names: `q_proj.base_layer.weight` goes 
 sync's checksum and canary check them as they check a full fine-tune; `final/` is the merged model, with the
 adapter beside it in peft's format (`final/adapter/`, loadable by `PeftModel.from_pretrained`); checkpoints hold
 the adapters and their optimizer state only (the frozen base is `model.path`).
+
+QLoRA (`model.lora.quantize: nf4`): the frozen base's linear layers are bitsandbytes 4-bit parameters (packed
+uint8 plus a quantization state). What leaves the trainer is still plain weights in `model.dtype`: the base is
+dequantized layer by layer and the adapters merged into it, so the engines (which load `model.path` at full
+precision) run exactly the weights the trainer computes with, from the first sync on, and the canary holds them
+to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,58 @@ def hf_name(name: str) -> str | None:
     return name.replace(".base_layer.", ".")
 
 
+def base_weight(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A base weight as the layer computes with it: a 4-bit parameter dequantized to `dtype` (the model's: the
+    layer computes in it), any other as it is."""
+    state = getattr(p, "quant_state", None)
+    if state is None:
+        return p.detach()
+    import bitsandbytes.functional as bnbf
+
+    if getattr(state, "packing_format_for_cpu", False):  # grpo.model.keep_one_layout prevents it
+        raise RuntimeError("a 4-bit weight was repacked for bitsandbytes' CPU kernel and cannot be dequantized")
+    return bnbf.dequantize_4bit(p.detach(), state).to(dtype)
+
+
+def logical_shape(p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, shape) of the weight a parameter stands for: a 4-bit parameter's packed storage is uint8 of
+    another shape, and it goes out in `dtype` (the model's)."""
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        return dtype, tuple(state.shape)
+    return p.dtype, tuple(getattr(p, "ds_shape", p.shape))
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model computes in (its config's; a 4-bit model's parameters are partly uint8)."""
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if isinstance(dtype, torch.dtype) else next(p.dtype for p in model.parameters()
+                                                             if p.is_floating_point())
+
+
+@contextmanager
+def plain(model: torch.nn.Module) -> Iterator[None]:
+    """The model as transformers should save it with a merged state dict: without its 4-bit quantizer, which
+    would otherwise replace the given state dict by its own packed one and mark the config as quantized."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(model.config, "quantization_config", None)
+    if quantizer is None and qconfig is None:
+        yield
+        return
+    model.hf_quantizer = None
+    if qconfig is not None:
+        del model.config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if qconfig is not None:
+            model.config.quantization_config = qconfig
+
+
 def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:
     from peft.tuners.lora import LoraLayer
 
@@ -56,16 +115,18 @@ def merged_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
     """(HF name, tensor) of every parameter with the adapters merged into their base weights, one at a time (a
     merged copy only exists for the layer being yielded)."""
     layers = _lora_layers(model)
+    dtype = compute_dtype(model)
     for name, p in model.named_parameters():
         out = hf_name(name)
         if out is None:
             continue
         owner, _, leaf = name.rpartition(".base_layer.")
+        w = base_weight(p, dtype)
         if owner and leaf == "weight":
             with torch.no_grad():
-                yield out, p.detach() + layers[owner].get_delta_weight(ADAPTER).to(p.dtype)
+                yield out, w + layers[owner].get_delta_weight(ADAPTER).to(w.dtype)
         else:
-            yield out, p.detach()
+            yield out, w
 
 
 def save_adapter(model: torch.nn.Module, out: Path, base: str) -> None:

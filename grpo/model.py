@@ -94,10 +94,49 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
 
 
 def load_model(path: str, dtype: str, attn_implementation: str = "sdpa", revision: str | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, quantize: str = "none"):
+    """The policy (or reference) in `dtype`; `quantize` (model.lora.quantize) holds the linear layers in 4 bits."""
     from transformers import AutoModelForCausalLM
 
+    kw = hub_kwargs(path, revision, trust_remote_code)
+    if quantize != "none":
+        kw["quantization_config"] = four_bit_config(quantize, DTYPES[dtype])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
-                                                 **hub_kwargs(path, revision, trust_remote_code))
+                                                 **kw)
     model.config.use_cache = False
+    if quantize != "none":
+        keep_one_layout(model)
     return model
+
+
+def keep_one_layout(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight in place for its bf16 CPU kernel at the first no-grad forward in eval
+    mode (a rollout, an eval). That kernel rounds activations to bf16, so the rollouts' logprobs would no longer be
+    the trainer's, and the packed data no longer dequantizes with the old state. Every forward keeps the one
+    layout and the dequantize-then-matmul path that training uses, which the merged weights reproduce."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def four_bit_config(kind: str, compute_dtype: torch.dtype):
+    """bitsandbytes' 4-bit quantization for QLoRA (nested quantization of the block scales, as in the paper),
+    checked on this machine first: a missing package, or a build with no kernels for this device, fails at
+    start-up naming the key rather than at the first layer."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as e:  # noqa: BLE001 - ImportError, or a build that fails to load its native library
+        raise ConfigError(f"model.lora.quantize={kind}: needs bitsandbytes (pip install 'bitsandbytes>=0.48', "
+                          f"which has CPU and CUDA kernels): {type(e).__name__}: {e}") from None
+    try:
+        probe = torch.ones(64, 64, dtype=compute_dtype, device=device)
+        packed, state = bnbf.quantize_4bit(probe, quant_type=kind)
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as e:  # noqa: BLE001 - whatever the build raises for a device it has no kernels for
+        raise ConfigError(f"model.lora.quantize={kind}: this bitsandbytes build cannot quantize on {device}: "
+                          f"{type(e).__name__}: {e}") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)

@@ -80,13 +80,32 @@ class Shape:
         return emb * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
 
 
+# bitsandbytes' 4-bit weights with nested quantization: two values a byte, one uint8 scale per block of 64, and
+# one fp32 scale per 256 of those
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def _linear_dims(s: Shape) -> dict[str, tuple[int, int]]:
+    """(in, out) of the seven linear layers of a LLaMA/Qwen block."""
+    q = s.heads * s.head_dim
+    return {"q_proj": (s.hidden, q), "k_proj": (s.hidden, s.kv_dim), "v_proj": (s.hidden, s.kv_dim),
+            "o_proj": (q, s.hidden), "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter),
+            "down_proj": (s.inter, s.hidden)}
+
+
+def base_bytes(s: Shape, b: int, quantize: str) -> float:
+    """The frozen or trained base model's bytes: every parameter in the model's dtype, or with QLoRA the blocks'
+    linear weights in 4 bits (embeddings, head, norms and biases stay in the dtype: bitsandbytes leaves them)."""
+    if quantize == "none":
+        return s.params() * b
+    linear = s.layers * sum(i * o for i, o in _linear_dims(s).values())
+    return (s.params() - linear) * b + linear * NF4_BYTES
+
+
 def lora_params(s: Shape, r: int, targets: str | list[str]) -> int:
     """Adapter parameters: r x (in + out) for each targeted linear layer of every block (all-linear: all seven of
     a Llama block; the head is never targeted)."""
-    q = s.heads * s.head_dim
-    dims = {"q_proj": (s.hidden, q), "k_proj": (s.hidden, s.kv_dim), "v_proj": (s.hidden, s.kv_dim),
-            "o_proj": (q, s.hidden), "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter),
-            "down_proj": (s.inter, s.hidden)}
+    dims = _linear_dims(s)
     if isinstance(targets, str) and targets != "all-linear":
         targets = [targets]
     names = list(dims) if targets == "all-linear" else [t for t in targets if t in dims]
@@ -141,30 +160,38 @@ class Plan:
 
 
 def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | None = None,
-         device: str = "cuda") -> Plan:
+         device: str = "cuda", phase: str = "grpo") -> Plan:
+    """`phase`: "grpo" (`grpo train`), or "sft" (`grpo sft`: no rollouts and no reference; a micro-batch is
+    min(optim.micro_batch_size, sft.batch_size / gpus) sequences of up to sft.max_length tokens, packed)."""
     s = model_shape(cfg.model.path)
     b = BYTES[cfg.model.dtype]
     P = s.params()
     z = cfg.deepspeed.zero_stage
     n = max(gpus, 1)
     mixed = cfg.model.dtype != "float32"
+    sft = phase == "sft"
     t: dict[str, float] = {}
     lc = cfg.model.lora
     A = lora_params(s, lc.r, lc.target_modules) if lc.r else P  # what the optimizer trains (LoRA: the adapters)
-    t["weights"] = (P + (A if lc.r else 0)) * b / (n if z == 3 else 1)
+    base = base_bytes(s, b, lc.quantize)
+    t["weights"] = (base + (A * b if lc.r else 0)) / (n if z == 3 else 1)
     t["gradients"] = A * b / (n if z >= 2 else 1)
     if cfg.model.dtype == "bfloat16" and z <= 1:  # grpo.engine: BF16_Optimizer sums gradients in fp32
         t["fp32 gradient accumulation"] = A * 4.0
     opt = A * (12 if mixed else 8)  # fp32 master copy + m + v, or m + v beside fp32 weights
     t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if z >= 1 else 1)
-    if cfg.algo.beta > 0:
-        t["reference model"] = P * b / (n if z == 3 else 1)
+    if cfg.algo.beta > 0 and not sft:
+        t["reference model"] = base / (n if z == 3 else 1)
     if z == 3:
         # DeepSpeed's stage-3 optimizer allocates its gradient reduce bucket (reduce_bucket_size = 5e8 elements, in
         # the model's dtype) at start-up; on CPU only the pages the gradients reach count
         t["zero-3 reduce bucket"] = min(5e8, P) * b
         if device == "cpu":  # the model is loaded whole, then partitioned: RSS keeps the high-water mark
             t["model load before partitioning"] = P * b
+    if sft:  # packed sequences of up to sft.max_length tokens: no padding, no prompt sharing, no generation
+        m = min(cfg.optim.micro_batch_size, max(1, cfg.sft.batch_size // n))
+        _update_terms(cfg, s, b, m * cfg.sft.max_length, t)
+        return _finish(cfg, t, n, P, memory_gib, device, gen_extra=0.0)
     prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
     new = cfg.rollout.max_new_tokens
     seq = prompt + new
@@ -174,17 +201,12 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
         tokens = min(m, 1 if m == 1 else (m - 2) // cfg.rollout.num_generations + 2) * prompt + m * new
     else:
         tokens = m * seq
-    per_layer_token = b * (8 * s.hidden + 4 * s.inter)
+    _update_terms(cfg, s, b, tokens, t)
     ckpt = cfg.model.gradient_checkpointing
-    act = tokens * (s.layers * s.hidden * b + per_layer_token) if ckpt else tokens * s.layers * per_layer_token
-    t["activations (one micro-batch)"] = act
     if prefix:  # each completion's gathered prompt+own keys and values, its queries and outputs, the mask and bias
         kv = s.kv_dim if device == "cpu" else s.hidden  # CUDA expands grouped kv heads for the masked kernel
         work = b * (2 * m * seq * kv + 2 * m * new * s.hidden) + m * new * seq * (1 + b)
         t["prefix attention"] = work * (1 if ckpt else s.layers)
-    t["logprob chunks"] = 3 * min(cfg.optim.logprob_chunk_size, tokens) * s.vocab * 4
-    if z == 3:  # two layers in flight, or, during the vocabulary projection, the head and its unreduced gradient
-        t["zero-3 gathered layers"] = max(2 * s.layer_params(), 2 * s.vocab * s.hidden) * b
     kv_token = 2 * s.layers * s.kv_dim * b
     if cfg.rollout.engine == "vllm" and device == "cuda":
         t["colocated vLLM (while sampling)"] = cfg.rollout.vllm.gpu_memory_utilization * (memory_gib or 0) * GIB
@@ -202,25 +224,47 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
                      if cfg.rollout.engine == "vllm" else 0.0)
         if gen_extra:
             t["colocated vLLM (weights x2 + KV cache + runtime)"] = gen_extra
-    reserve = (GPU_RESERVE_GIB if device == "cuda" else CPU_RESERVE_GIB) * GIB
-    t["reserve"] = reserve
-    static = (t["weights"] + t["gradients"] + t["optimizer states"] + t.get("reference model", 0.0) + reserve
-              + t.get("zero-3 reduce bucket", 0.0) + t.get("model load before partitioning", 0.0))
-    # CPU: colocated vLLM never sleeps, and glibc keeps the HF engine's freed KV cache in the process (RSS is a
-    # high-water mark), so the generation phase's memory is still counted during the update
-    held_in_update = gen_extra if device == "cpu" else 0.0
-    update = (static + act + t.get("prefix attention", 0.0) + t["logprob chunks"] + t.get("zero-3 gathered layers", 0.0)
-              + held_in_update)
-    generation = static + gen_extra
-    peak = max(update, generation)
-    fits = memory_gib is None or peak <= memory_gib * GIB
-    advice = [] if fits else _advice(cfg, t, memory_gib * GIB, n, device)
+    p = _finish(cfg, t, n, P, memory_gib, device, gen_extra)
     if cfg.rollout.engine == "vllm" and device == "cuda" and memory_gib:
         kv_room = t["colocated vLLM (while sampling)"] - P * b
         want = cfg.rollout.prompts_per_step * cfg.rollout.num_generations / n * seq * kv_token
         if kv_room < want:
-            advice.append(f"vLLM's KV cache ({max(kv_room, 0) / GIB:.1f} GiB) holds less than a step's sequences "
-                          f"({want / GIB:.1f} GiB): it will generate in several waves (slower, not an error)")
+            p.advice.append(f"vLLM's KV cache ({max(kv_room, 0) / GIB:.1f} GiB) holds less than a step's "
+                            f"sequences ({want / GIB:.1f} GiB): it will generate in several waves (slower, not an "
+                            "error)")
+    return p
+
+
+def _update_terms(cfg: Config, s: Shape, b: int, tokens: int, t: dict[str, float]) -> None:
+    """What one micro-batch of `tokens` tokens adds while it trains: activations, the chunked head, ZeRO-3's
+    gathered layers."""
+    per_layer_token = b * (8 * s.hidden + 4 * s.inter)
+    act = (tokens * (s.layers * s.hidden * b + per_layer_token) if cfg.model.gradient_checkpointing
+           else tokens * s.layers * per_layer_token)
+    t["activations (one micro-batch)"] = act
+    t["logprob chunks"] = 3 * min(cfg.optim.logprob_chunk_size, tokens) * s.vocab * 4
+    if cfg.deepspeed.zero_stage == 3:  # two layers in flight, or, in the vocabulary projection, the head and its
+        # unreduced gradient
+        t["zero-3 gathered layers"] = max(2 * s.layer_params(), 2 * s.vocab * s.hidden) * b
+
+
+def _finish(cfg: Config, t: dict[str, float], n: int, P: int, memory_gib: float | None, device: str,
+            gen_extra: float) -> Plan:
+    """The phases' peaks from the terms, the verdict, and advice when it does not fit."""
+    reserve = (GPU_RESERVE_GIB if device == "cuda" else CPU_RESERVE_GIB) * GIB
+    t["reserve"] = reserve
+    static = (t["weights"] + t["gradients"] + t.get("fp32 gradient accumulation", 0.0) + t["optimizer states"]
+              + t.get("reference model", 0.0) + reserve + t.get("zero-3 reduce bucket", 0.0)
+              + t.get("model load before partitioning", 0.0))
+    # CPU: colocated vLLM never sleeps, and glibc keeps the HF engine's freed KV cache in the process (RSS is a
+    # high-water mark), so the generation phase's memory is still counted during the update
+    held_in_update = gen_extra if device == "cpu" else 0.0
+    update = (static + t["activations (one micro-batch)"] + t.get("prefix attention", 0.0) + t["logprob chunks"]
+              + t.get("zero-3 gathered layers", 0.0) + held_in_update)
+    generation = static + gen_extra
+    peak = max(update, generation)
+    fits = memory_gib is None or peak <= memory_gib * GIB
+    advice = [] if fits else _advice(cfg, t, memory_gib * GIB, n, device)
     return Plan(device, n, memory_gib or 0.0, P, {k: v / GIB for k, v in t.items()}, generation / GIB,
                 update / GIB, peak / GIB, fits, advice)
 
@@ -240,6 +284,8 @@ def _advice(cfg: Config, t: dict[str, float], budget: float, n: int, device: str
         out.append("deepspeed.offload_optimizer=true (optimizer states to host memory; slower steps)")
     if cfg.model.dtype == "float32" and device == "cuda":
         out.append("model.dtype=bfloat16 (halves weights, gradients and activations)")
+    if cfg.model.lora.r and cfg.model.lora.quantize == "none":
+        out.append("model.lora.quantize=nf4 (QLoRA: the frozen base's linear layers in 4 bits)")
     if cfg.rollout.engine == "vllm" and device == "cuda":
         out.append("a lower rollout.vllm.gpu_memory_utilization, or rollout.engine=vllm_server on other GPUs")
     if n == 1 or z == 3:
@@ -266,17 +312,19 @@ def longest_prompt(cfg: Config) -> int | None:
 
 
 def main(recipe: str, overrides: list[str], gpus: int, memory_gib: float | None, device: str,
-         as_json: bool) -> int:
+         as_json: bool, phase: str = "grpo") -> int:
     from grpo.config import load_config
 
     cfg = load_config(recipe, overrides)
-    prompt = longest_prompt(cfg)
-    p = plan(cfg, gpus, memory_gib, prompt, device)
+    prompt = longest_prompt(cfg) if phase == "grpo" else None
+    p = plan(cfg, gpus, memory_gib, prompt, device, phase)
     if as_json:
         print(json.dumps(asdict(p), indent=1))
     else:
         src = f"longest prompt {prompt} tokens" if prompt is not None else (
             f"model or data not on this machine: prompts assumed data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+        if phase == "sft":
+            src = f"grpo sft: micro-batches of sequences of sft.max_length={cfg.sft.max_length} tokens"
         print(f"{recipe} ({src})")
         print(p.table())
     return 0 if p.fits else 1

@@ -196,7 +196,7 @@ def sft(cfg: Config) -> Path:
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
-    model = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code)
+    model = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code, m.lora.quantize)
     if m.lora.r:
         from grpo import lora
 

@@ -86,7 +86,7 @@ def setup(cfg: Config) -> RunState:
     if len(prompts.rows) < cfg.rollout.prompts_per_step:
         raise ConfigError(f"data: {len(prompts.rows)} training prompts, fewer than rollout.prompts_per_step="
                           f"{cfg.rollout.prompts_per_step}")
-    model = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code)
+    model = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code, m.lora.quantize)
     if m.lora.r:
         model = lora.apply(model, m.lora)
     if m.gradient_checkpointing:
@@ -94,7 +94,7 @@ def setup(cfg: Config) -> RunState:
     engine = build_policy_engine(_layout_ready(cfg, model), cfg, cfg.optim.micro_batch_size, shape.grad_accum)
     ref = None
     if cfg.algo.beta > 0:
-        ref = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code)
+        ref = load_model(model_path, m.dtype, m.attn_implementation, m.revision, m.trust_remote_code, m.lora.quantize)
         ref = build_reference(_layout_ready(cfg, ref), cfg, cfg.optim.micro_batch_size, shape.grad_accum)
         ref.to(engine.device)
     check_lengths(cfg, model, prompts)

@@ -32,7 +32,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-from grpo.lora import hf_name
+from grpo.lora import compute_dtype, hf_name, logical_shape
 from grpo.server_client import ServerError, parallel, request
 from grpo.weights import _buckets, checksum, weight_buckets
 
@@ -61,7 +61,8 @@ class ModelSource(WeightSource):
         self._started = False
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(hf_name(n), p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
+        dtype = compute_dtype(self.model)
+        return [ParamMeta(hf_name(n), *logical_shape(p, dtype))
                 for n, p in self.model.named_parameters() if hf_name(n) is not None]  # LoRA: merged, HF names
 
     def begin(self, model: torch.nn.Module) -> None:

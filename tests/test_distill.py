@@ -186,18 +186,24 @@ def test_endpoint_teacher_crash_loses_nothing_then_resumes(tmp_path, tiny_model_
 
 
 @pytest.mark.integration
-def test_local_teacher_in_process(tmp_path, tiny_model_dir):
-    """A local model sampled in-process (the HF engine), threshold 0 so every sample passes: N per prompt,
-    `shortest` keeps one per prompt."""
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_local_teacher_in_process(tmp_path, request, engine):
+    """A local model sampled in-process (the HF engine, or vLLM's colocated engine), threshold 0 so every sample
+    passes: N per prompt, `shortest` keeps one per prompt, in TRL's conversational format."""
+    model = request.getfixturevalue("tiny_model_dir" if engine == "hf" else "vllm_tiny_dir")
     out = tmp_path / "run"
-    p = _distill(tiny_overrides(tiny_model_dir, out, **{"distill.num_prompts": 3, "distill.num_samples": 3,
-                                                        "distill.teacher.model": str(tiny_model_dir),
-                                                        "distill.threshold": 0.0, "distill.keep": "shortest",
-                                                        "rewards": "[{name: accuracy}]"}))
+    p = _distill(tiny_overrides(model, out, **{"distill.num_prompts": 3, "distill.num_samples": 3,
+                                               "distill.teacher.model": str(model), "rollout.engine": engine,
+                                               "distill.threshold": 0.0, "distill.keep": "shortest",
+                                               "rewards": "[{name: accuracy}]"}))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((out / "distilled" / "report.json").read_text())
     assert (report["prompts"], report["samples"], report["passed"], report["kept"]) == (3, 9, 9, 3)
-    assert report["teacher"] == str(tiny_model_dir)
+    assert report["teacher"] == str(model)
+    import datasets
+
+    rows = datasets.load_from_disk(str(out / "distilled"))
+    assert len(rows) == 3 and all(r["completion"][0]["role"] == "assistant" for r in rows)
 
 
 @pytest.mark.integration

