@@ -183,6 +183,7 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
     from grpo import checkpoint as ckpt
     from grpo import collectives as coll
     from grpo.engine import pick_device
+    from grpo.lora import weight_count
     from grpo.vllm_engine import SyncError, canary_tolerance
     from grpo.weights import checksums_match, model_checksum
 
@@ -209,7 +210,7 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
     try:
         engine, rank = run.engine, run.rank
         zero3 = engine.zero_optimization_stage() == 3
-        params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        params = weight_count(engine.module)
         report.add("set-up", PASS, f"{time.perf_counter() - t0:.1f} s: {params / 1e6:.1f}M parameters in "
                    f"{cfg.model.dtype}, DeepSpeed ZeRO-{engine.zero_optimization_stage()} on {run.world} rank(s), "
                    f"rollout engine {cfg.rollout.engine}, {len(run.prompts.rows)} training prompts")

@@ -147,22 +147,27 @@ def build_policy_engine(model: torch.nn.Module, cfg: Config, micro_batch: int, g
     return engine
 
 
-# Elements per flattened bucket of stage 0's gradient all-reduce (DeepSpeed's default is 5e8: the whole gradient
+# Elements per flattened bucket of DeepSpeed's fallback gradient all-reduce (its default is 5e8: the whole gradient
 # of any model under 500M parameters copied at once).
 ALLREDUCE_BUCKET = 2**25
 
 
 def lean_stage0_allreduce(engine) -> None:
-    """Stage 0 averages gradients over the ranks by flattening them into buckets of DeepSpeed's fixed 5e8 elements,
-    which is one extra full copy of the gradients at every step's peak, even with one rank (measured: +0.5 GiB
-    for the 135M model's fp32 gradients, most of what `grpo sft` held above TRL's SFTTrainer). With one rank
-    there is nothing to average: the all-reduce is off. With several, buckets of ALLREDUCE_BUCKET elements
-    bound the copy. Stages 1-3 reduce through their own optimizer's buckets, left as they are."""
+    """Where DeepSpeed averages gradients over the ranks with its fallback all-reduce (stage 0, and stage 1 under
+    BF16_Optimizer, which has no reduce of its own: every bf16 recipe), it flattens them into buckets of a fixed 5e8
+    elements: one extra full copy of the gradients (of the fp32 sums, under BF16_Optimizer) at every step's peak,
+    even with one rank (measured: +0.2 GiB of peak RSS for the 135M model's fp32 `grpo sft`). With one rank there is
+    nothing to average: the all-reduce is off (BF16_Optimizer folds the micro-batch into its fp32 sums before it, in
+    backward_epilogue). With several, buckets of about ALLREDUCE_BUCKET elements (a bucket is sent once it passes
+    that) bound the copy. Stages 2-3 and ZeRO-1's own optimizer reduce through their buckets, left as they are.
+    One difference with one rank: a trainable parameter that got no gradient keeps None where the fallback would
+    give it zeros (torch's AdamW then skips it for the step; with LoRA and full fine-tuning every one gets one)."""
     import functools
 
     import torch.distributed as dist
 
-    if engine.zero_optimization_stage() != 0:
+    if engine.zero_optimization_partition_gradients() or (
+            engine.zero_optimization_stage() == 1 and hasattr(engine.optimizer, "reduce_gradients")):
         return
     if dist.get_world_size() == 1:
         engine.enable_backward_allreduce = False

@@ -93,8 +93,7 @@ def _write_final(model: Any, state: dict[str, torch.Tensor] | None, tokenizer: A
                  cfg_dict: dict[str, Any], final_metrics: dict[str, Any]) -> None:
     assert state is not None
     numel = sum(v.numel() for v in {id(v): v for v in state.values()}.values())
-    expected = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in model.named_parameters()
-                   if ".lora_" not in n)
+    expected = lora.weight_count(model, adapters=False)
     if numel < expected:  # ZeRO-3 exports can silently come out empty
         raise RuntimeError(f"final model export has {numel} values, expected at least {expected}")
     use_cache = model.config.use_cache

@@ -18,6 +18,7 @@ to it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,14 @@ def logical_shape(p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.dtype, tup
     if state is not None:
         return dtype, tuple(state.shape)
     return p.dtype, tuple(getattr(p, "ds_shape", p.shape))
+
+
+def weight_count(model: torch.nn.Module, adapters: bool = True) -> int:
+    """Values of the weights the parameters stand for (a 4-bit parameter's packed storage holds two a byte;
+    ZeRO-3's partitioned ones count whole)."""
+    dtype = compute_dtype(model)
+    return sum(math.prod(logical_shape(p, dtype)[1]) for n, p in model.named_parameters()
+               if adapters or ".lora_" not in n)
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -127,7 +127,7 @@ def four_bit_config(kind: str, compute_dtype: torch.dtype):
     try:
         import bitsandbytes.functional as bnbf
     except Exception as e:  # noqa: BLE001 - ImportError, or a build that fails to load its native library
-        raise ConfigError(f"model.lora.quantize={kind}: needs bitsandbytes (pip install 'bitsandbytes>=0.48', "
+        raise ConfigError(f"model.lora.quantize={kind}: needs bitsandbytes (pip install 'bitsandbytes>=0.50', "
                           f"which has CPU and CUDA kernels): {type(e).__name__}: {e}") from None
     try:
         probe = torch.ones(64, 64, dtype=compute_dtype, device=device)

@@ -176,7 +176,8 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
     base = base_bytes(s, b, lc.quantize)
     t["weights"] = (base + (A * b if lc.r else 0)) / (n if z == 3 else 1)
     t["gradients"] = A * b / (n if z >= 2 else 1)
-    if cfg.model.dtype == "bfloat16" and z <= 1:  # grpo.engine: BF16_Optimizer sums gradients in fp32
+    if cfg.model.dtype == "bfloat16" and (z == 0 or (z == 1 and not cfg.deepspeed.offload_optimizer)):
+        # grpo.engine: BF16_Optimizer sums gradients in fp32 (with offload DeepSpeed takes its ZeRO-1 optimizer)
         t["fp32 gradient accumulation"] = A * 4.0
     opt = A * (12 if mixed else 8)  # fp32 master copy + m + v, or m + v beside fp32 weights
     t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if z >= 1 else 1)

@@ -66,6 +66,7 @@ def test_qlora_merged_weights_are_the_dequantized_base_plus_the_adapters(vllm_ti
             if lora.hf_name(n)} == shapes  # what the engines are told to expect
     merged = dict(lora.merged_parameters(model))
     assert {n: (t.dtype, tuple(t.shape)) for n, t in merged.items()} == shapes
+    assert lora.weight_count(model, adapters=False) == sum(p.numel() for p in plain.parameters())  # export's check
     original = {n: p.detach().clone() for n, p in plain.named_parameters()}
     plain.load_state_dict(merged, strict=False)
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])

@@ -101,6 +101,16 @@ def test_colocated_vllm_holds_its_share_while_sampling():
 
 
 @pytest.mark.unit
+def test_fp32_gradient_sums_only_where_bf16_optimizer_runs():
+    """bf16 at stage 0-1 runs BF16_Optimizer (fp32 gradient sums); with optimizer offload at stage 1 DeepSpeed takes
+    its ZeRO-1 optimizer instead, which keeps none."""
+    bf16 = ("model.path=Qwen/Qwen2.5-1.5B-Instruct", "model.dtype=bfloat16")
+    assert "fp32 gradient accumulation" in plan(_cfg(*bf16, "deepspeed.zero_stage=1"), 1, 80).terms_gib
+    off = plan(_cfg(*bf16, "deepspeed.zero_stage=1", "deepspeed.offload_optimizer=true"), 1, 80).terms_gib
+    assert "fp32 gradient accumulation" not in off
+
+
+@pytest.mark.unit
 def test_sft_phase_by_hand():
     """`grpo plan --phase sft` on the embedded model (30 layers, H 576, I 1536, vocab 49152, 134.5M parameters):
     no generation, no reference; one micro-batch of min(8, 32 / 2 ranks) = 8 packed sequences of up to

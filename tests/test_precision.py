@@ -91,3 +91,54 @@ def test_fp16_stage0_grad_norm_is_unscaled(tmp_path):
     true = 0.5 * (2 * 3 + 2) ** 0.5  # 8 gradient entries of 0.5
     assert abs(ours - true) < 1e-6
     assert abs(deepspeeds - 1024 * true) < 1e-3  # why DeepSpeed's own figure is not used at stage 0
+
+
+LEAN_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, {root!r})
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+from grpo.config import load_config
+from grpo.engine import build_policy_engine, init_distributed
+from grpo.model import load_model
+init_distributed("cpu")
+flattened = []
+fallback = DeepSpeedEngine.buffered_allreduce_fallback
+def spy(self, *a, **k):
+    flattened.append(1)
+    return fallback(self, *a, **k)
+DeepSpeedEngine.buffered_allreduce_fallback = spy
+for dtype in ("float32", "bfloat16"):
+    flattened.clear()
+    cfg = load_config({recipe!r}, ["model.path=" + sys.argv[1], "model.dtype=" + dtype, "deepspeed.zero_stage=0",
+                                   "optim.lr=0.01", "optim.warmup_steps=0"])  # steps that bf16 can hold
+    engine = build_policy_engine(load_model(sys.argv[1], dtype), cfg, 1, 1)
+    before = [p.detach().float().clone() for p in engine.module.parameters()]
+    engine.backward(engine(torch.tensor([[1, 5, 9, 13]])).logits.float().square().mean())
+    engine.step()
+    moved = sum(not torch.equal(b, p.detach().float()) for b, p in zip(before, engine.module.parameters()))
+    print("RESULT", dtype, type(engine.optimizer).__name__, len(flattened), moved, len(before))
+"""
+
+
+def test_one_rank_skips_deepspeeds_flattened_gradient_copy(tiny_model_dir, tmp_path):
+    """With one rank DeepSpeed's fallback all-reduce (stage 0, and BF16_Optimizer's stage 1: every bf16 recipe)
+    only flattens a full copy of the gradients: grpo.engine.lean_stage0_allreduce skips it, and the step still
+    updates every parameter."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "lean.py"
+    script.write_text(LEAN_SCRIPT.format(root=str(ROOT), recipe=str(ROOT / "recipes" / "smollm2-135m-arith.yaml")))
+    p = subprocess.run([sys.executable, str(script), str(tiny_model_dir), port], capture_output=True, text=True,
+                       timeout=300)
+    rows = [line.split()[1:] for line in p.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(rows) == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    for dtype, optimizer, flattened, moved, total in rows:
+        assert flattened == "0", (dtype, optimizer)
+        assert moved == total, (dtype, moved, total)
+    assert [r[1] for r in rows][1] == "BF16_Optimizer"
