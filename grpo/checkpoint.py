@@ -147,6 +147,13 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
                            f"({[_get(saved, k) for k in changed]} -> {[_get(current, k) for k in changed]}); "
                            "resuming would misalign the data or the batches: use a new output_dir, or "
                            "checkpoint.resume=never to start over")
+    saved_lora, lora_now = _get(saved, "model.lora"), _get(current, "model.lora")
+    if _has(saved, "model.lora") and saved_lora != lora_now:
+        keys = sorted(k for k in set(saved_lora) | set(lora_now) if saved_lora.get(k) != lora_now.get(k))
+        raise ConfigError(f"checkpoint {path} was written with a different model.lora "
+                          + ", ".join(f"{k}: {saved_lora.get(k)} -> {lora_now.get(k)}" for k in keys)
+                          + "; its adapters were trained for that set-up (a LoRA checkpoint loads non-strictly, so "
+                          "the change would go unnoticed): use a new output_dir, or checkpoint.resume=never")
     decaying = "constant" not in (_get(saved, "optim.schedule"), _get(current, "optim.schedule"))
     changed = [k for k in SCHEDULE_KEYS + (HORIZON_KEYS if decaying else ()) if _get(saved, k) != _get(current, k)]
     if changed:

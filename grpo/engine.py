@@ -98,9 +98,12 @@ def ds_config(cfg: Config, micro_batch: int, grad_accum: int, train: bool = True
         # At stage 0 DeepSpeed runs bf16 through its FP16 unfused optimizer, which sums the micro-batches'
         # gradients in bf16 (8 mantissa bits: small contributions round away over many accumulation steps).
         # Stage 1 with fp32 gradient accumulation is its BF16_Optimizer: fp32 master weights and fp32 gradient
-        # sums (grpo plan counts both).
+        # sums (grpo plan counts both). Its ranks average those sums with the engine's fallback all-reduce, which
+        # casts them to communication_data_type first, bf16 by default with bf16 on: fp32 keeps one rank's step
+        # and several ranks' steps on the same precision (and averages the flat fp32 buffer in place, no copy).
         z["stage"] = 1
         out["data_types"] = {"grad_accum_dtype": "fp32"}
+        out["communication_data_type"] = "fp32"
     if train:
         out["gradient_clipping"] = cfg.optim.max_grad_norm
         out["optimizer"] = {"type": "AdamW", "params": {
@@ -159,7 +162,9 @@ def lean_stage0_allreduce(engine) -> None:
     even with one rank (measured: +0.2 GiB of peak RSS for the 135M model's fp32 `grpo sft`). With one rank there is
     nothing to average: the all-reduce is off (BF16_Optimizer folds the micro-batch into its fp32 sums before it, in
     backward_epilogue). With several, buckets of about ALLREDUCE_BUCKET elements (a bucket is sent once it passes
-    that) bound the copy. Stages 2-3 and ZeRO-1's own optimizer reduce through their buckets, left as they are.
+    that) bound the copy at stage 0; BF16_Optimizer hands over one flat fp32 buffer, which DeepSpeed flattens as a
+    view and, in fp32 (ds_config's communication_data_type), averages in place. Stages 2-3 and ZeRO-1's own
+    optimizer reduce through their buckets, left as they are.
     One difference with one rank: a trainable parameter that got no gradient keeps None where the fallback would
     give it zeros (torch's AdamW then skips it for the step; with LoRA and full fine-tuning every one gets one)."""
     import functools

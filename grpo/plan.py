@@ -180,7 +180,9 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
         # grpo.engine: BF16_Optimizer sums gradients in fp32 (with offload DeepSpeed takes its ZeRO-1 optimizer)
         t["fp32 gradient accumulation"] = A * 4.0
     opt = A * (12 if mixed else 8)  # fp32 master copy + m + v, or m + v beside fp32 weights
-    t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if z >= 1 else 1)
+    # grpo.engine runs bf16 at stage 0 as stage 1 (BF16_Optimizer), which shards master weights and optimizer states
+    zs = 1 if cfg.model.dtype == "bfloat16" and z == 0 else z
+    t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if zs >= 1 else 1)
     if cfg.algo.beta > 0 and not sft:
         t["reference model"] = base / (n if z == 3 else 1)
     if z == 3:
@@ -278,6 +280,8 @@ def _advice(cfg: Config, t: dict[str, float], budget: float, n: int, device: str
     if cfg.optim.micro_batch_size > 1 and act > 0.1 * budget:
         out.append(f"optim.micro_batch_size={max(cfg.optim.micro_batch_size // 2, 1)} (activations scale with it)")
     z = cfg.deepspeed.zero_stage
+    if cfg.model.dtype == "bfloat16" and z == 0:
+        z = 1  # it already runs as stage 1 (grpo.engine.ds_config)
     if n > 1 and z < 3:
         out.append(f"deepspeed.zero_stage={z + 1 if z < 2 else 3} (shards "
                    + ("optimizer states" if z == 0 else "gradients" if z == 1 else "weights") + f" over {n} GPUs)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -218,3 +219,22 @@ def test_checkpoints_from_before_the_sft_keys_still_resume(tmp_path):
     changed["sft"]["batch_size"] = 64
     with pytest.raises(ConfigError, match="different sft.batch_size"):
         check_compatible(changed, current, tmp_path)
+
+
+@pytest.mark.unit
+def test_a_resume_with_changed_lora_settings_is_refused_by_key(tmp_path):
+    """A LoRA checkpoint loads non-strictly (it holds the adapters only), so a resume that changed the adapters'
+    set-up or the base's quantization would go on silently with mismatched state: refused, naming the key."""
+    from grpo.checkpoint import check_compatible
+    from grpo.config import ConfigError, to_dict
+
+    saved = to_dict(load_config(RECIPE, ["model.lora.r=8", "model.lora.quantize=nf4"]))
+    check_compatible(saved, json.loads(json.dumps(saved)), tmp_path)
+    for override, named in (("model.lora.quantize=none", "quantize: nf4 -> none"), ("model.lora.r=16", "r: 8 -> 16"),
+                            ("model.lora.target_modules=[q_proj]", "target_modules")):
+        current = to_dict(load_config(RECIPE, ["model.lora.r=8", "model.lora.quantize=nf4", override]))
+        with pytest.raises(ConfigError, match=f"different model.lora .*{re.escape(named)}"):
+            check_compatible(saved, current, tmp_path)
+    old = json.loads(json.dumps(saved))
+    del old["model"]["lora"]  # written before model.lora existed: nothing to compare with
+    check_compatible(old, to_dict(load_config(RECIPE)), tmp_path)

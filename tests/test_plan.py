@@ -41,7 +41,8 @@ def test_zero_stages_shard_the_right_terms():
     p0 = plan(_cfg("deepspeed.zero_stage=0"), 8, 80).terms_gib
     assert p0["weights"] == pytest.approx(2 * P / GIB)
     assert p0["gradients"] == pytest.approx(2 * P / GIB)
-    assert p0["optimizer states"] == pytest.approx(12 * P / GIB)  # fp32 master + m + v under bf16
+    # fp32 master + m + v under bf16, sharded: bf16 at stage 0 runs as stage 1 (BF16_Optimizer)
+    assert p0["optimizer states"] == pytest.approx(12 * P / 8 / GIB)
     p1 = plan(_cfg("deepspeed.zero_stage=1"), 8, 80).terms_gib
     assert p1["optimizer states"] == pytest.approx(12 * P / 8 / GIB) and p1["gradients"] == p0["gradients"]
     p2 = plan(_cfg("deepspeed.zero_stage=2"), 8, 80).terms_gib
@@ -161,6 +162,21 @@ def test_qlora_base_bytes_match_the_quantized_model_bitsandbytes_builds(embedded
     big = load_config(ROOT / "recipes" / "qwen2.5-7b-distill-r1-qlora-24gb.yaml", ["model.lora.quantize=none"])
     over = plan(big, 1, 24, phase="sft")  # the 7B student at bf16 does not fit; the advice names the 4-bit base
     assert not over.fits and any("model.lora.quantize=nf4" in a for a in over.advice)
+
+
+@pytest.mark.unit
+def test_bf16_at_stage_0_shards_optimizer_states_as_stage_1():
+    """grpo.engine runs bf16 at stage 0 as stage 1 (BF16_Optimizer), which splits the fp32 master weights and Adam's
+    moments over the ranks: 12 bytes per parameter / n. fp32 at stage 0 keeps whole states on every rank."""
+    over = ["model.path=Qwen/Qwen2.5-1.5B-Instruct", "deepspeed.zero_stage=0"]
+    bf16 = load_config(RECIPE, [*over, "model.dtype=bfloat16"])
+    per_param = 1_543_714_304 * 12 / GIB
+    assert plan(bf16, 1, 80).terms_gib["optimizer states"] == pytest.approx(per_param, rel=1e-3)
+    two = plan(bf16, 2, 80)
+    assert two.terms_gib["optimizer states"] == pytest.approx(per_param / 2, rel=1e-3)
+    assert not any("deepspeed.zero_stage=1" in a for a in two.advice)  # it would change nothing
+    fp32 = load_config(RECIPE, [*over, "model.dtype=float32"])
+    assert plan(fp32, 2, 80).terms_gib["optimizer states"] == pytest.approx(1_543_714_304 * 8 / GIB, rel=1e-3)
 
 
 @pytest.mark.integration

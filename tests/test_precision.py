@@ -142,3 +142,24 @@ def test_one_rank_skips_deepspeeds_flattened_gradient_copy(tiny_model_dir, tmp_p
         assert flattened == "0", (dtype, optimizer)
         assert moved == total, (dtype, moved, total)
     assert [r[1] for r in rows][1] == "BF16_Optimizer"
+
+
+def test_two_ranks_average_bf16_gradient_sums_in_fp32(tiny_model_dir):
+    """bf16 on two ranks: BF16_Optimizer's fp32 gradient sums are averaged over the ranks in fp32. DeepSpeed's
+    default casts them to bf16 for the all-reduce (communication_data_type follows bf16), so one rank and several
+    stepped on differently rounded gradients. tests/bf16_allreduce_worker.py checks the averaged sums against the
+    exact fp32 mean of both ranks' sums, gathered separately."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                        str(ROOT / "tests" / "bf16_allreduce_worker.py"), str(tiny_model_dir),
+                        str(ROOT / "recipes" / "smollm2-135m-arith.yaml")],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} optimizer BF16_Optimizer" in p.stdout and f"rank {rank} done" in p.stdout, p.stdout
