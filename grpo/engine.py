@@ -101,9 +101,12 @@ def ds_config(cfg: Config, micro_batch: int, grad_accum: int, train: bool = True
         # sums (grpo plan counts both). Its ranks average those sums with the engine's fallback all-reduce, which
         # casts them to communication_data_type first, bf16 by default with bf16 on: fp32 keeps one rank's step
         # and several ranks' steps on the same precision (and averages the flat fp32 buffer in place, no copy).
+        # With optimizer offload DeepSpeed takes its ZeRO-1 optimizer instead, whose bf16 gradient buckets fp32
+        # communication would copy at twice their size: left at its default there.
         z["stage"] = 1
         out["data_types"] = {"grad_accum_dtype": "fp32"}
-        out["communication_data_type"] = "fp32"
+        if "offload_optimizer" not in z:
+            out["communication_data_type"] = "fp32"
     if train:
         out["gradient_clipping"] = cfg.optim.max_grad_norm
         out["optimizer"] = {"type": "AdamW", "params": {

@@ -47,6 +47,10 @@ def test_bf16_sums_gradients_in_fp32(tiny_model_dir, tmp_path):
     assert "OPTIMIZER BF16_Optimizer" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     cfg = load_config(recipe, ["model.dtype=bfloat16"])
     assert ds_config(cfg, 2, 4)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds_config(cfg, 2, 4)["communication_data_type"] == "fp32"  # BF16_Optimizer averages its fp32 sums
+    offload = load_config(recipe, ["model.dtype=bfloat16", "deepspeed.zero_stage=1",
+                                   "deepspeed.offload_optimizer=true"])
+    assert "communication_data_type" not in ds_config(offload, 2, 4)  # ZeRO-1's optimizer: bf16 buckets
     assert "data_types" not in ds_config(load_config(recipe), 2, 4)  # fp32 needs none
     terms = plan(cfg, 1, None).terms_gib
     assert "fp32 gradient accumulation" in terms
