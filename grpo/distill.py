@@ -23,12 +23,14 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +49,61 @@ class TeacherError(RuntimeError):
 
 @dataclass
 class Tally:
-    """What happened to the requests: retried for each reason, and failed after the retries."""
+    """What happened to the requests: retried for each reason, and failed after the retries (or refused for one
+    prompt). Updated from `concurrency` threads at once, hence the lock."""
 
     retries: Counter = field(default_factory=Counter)
     failed: int = 0
     last_error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def retried(self, reason: str, error: str) -> None:
+        with self.lock:
+            self.retries[reason] += 1
+            self.last_error = error
+
+    def gave_up(self, error: str) -> None:
+        with self.lock:
+            self.failed += 1
+            self.last_error = error
 
 
-def _retry_after(e: urllib.error.HTTPError, default: float) -> float:
-    try:
-        return max(float(e.headers.get("Retry-After", default)), 0.0)
-    except (TypeError, ValueError):
+# 4xx answers that say the endpoint, the model or the key is wrong: every request would fail the same way, so the
+# run stops. Any other 4xx but 429 (400: this prompt plus max_tokens is over the model's context, 413, 422) is
+# about one request: that prompt is counted as failed and the run goes on.
+FATAL_4XX = (401, 403, 404, 405)
+
+
+def _retry_after(e: urllib.error.HTTPError, default: float, cap: float) -> float:
+    """Retry-After in seconds or as an HTTP date (RFC 9110), at most `cap` (a day's wait is not worth one
+    prompt); `default` when absent or unreadable."""
+    value = e.headers.get("Retry-After") if e.headers is not None else None
+    if value is None:
         return default
+    try:
+        wait = float(value)
+    except ValueError:
+        try:
+            wait = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return default
+    return min(max(wait, 0.0), cap)
+
+
+def _body(e: urllib.error.HTTPError) -> str:
+    """An error answer's first 300 characters; a body cut off mid-read (a reset, a timeout) is no reason to stop
+    retrying."""
+    try:
+        return e.read().decode(errors="replace")[:300]
+    except (OSError, http.client.HTTPException) as err:
+        return f"(body unreadable: {err!r:.100})"
 
 
 def request_samples(t: TeacherConfig, messages: list[dict[str, str]], n: int, params: SamplingParams,
                     tally: Tally, sleep=time.sleep) -> list[tuple[str, str]] | None:
     """One prompt's n samples from an OpenAI-compatible /chat/completions endpoint: [(text, finish_reason)], or
-    None when it still failed after `t.retries` retries (counted in `tally`). A 4xx other than 429 (a bad request,
-    a wrong key) is not retried: it would fail the same way every time."""
+    None when it still failed after `t.retries` retries (counted in `tally`). A 4xx other than 429 is not retried
+    (it would fail the same way every time): FATAL_4XX stops the run, any other fails this prompt only."""
     url = t.url.rstrip("/") + "/chat/completions"
     body = json.dumps({"model": t.model, "messages": messages, "n": n, "max_tokens": params.max_new_tokens,
                        "temperature": params.temperature, "top_p": params.top_p}).encode()
@@ -75,7 +113,7 @@ def request_samples(t: TeacherConfig, messages: list[dict[str, str]], n: int, pa
         headers["Authorization"] = f"Bearer {key}"
     wait = t.backoff
     for attempt in range(t.retries + 1):
-        reason, delay = None, wait
+        reason, delay, error = None, wait, ""
         try:
             req = urllib.request.Request(url, data=body, headers=headers, method="POST")
             with urllib.request.urlopen(req, timeout=t.timeout) as r:
@@ -84,27 +122,30 @@ def request_samples(t: TeacherConfig, messages: list[dict[str, str]], n: int, pa
             out = [(_text(c["message"]), c.get("finish_reason") or "stop") for c in choices or []]
             if len(out) == n:
                 return out
-            reason, tally.last_error = "garbage", (f"{url}: asked for n={n} completions, got {len(out)} (does the "
-                                                   f"endpoint support n?): {str(answer)[:200]}")
+            reason, error = "garbage", (f"{url}: asked for n={n} completions, got {len(out)} (does the endpoint "
+                                        f"support n?): {str(answer)[:200]}")
         except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:300]
-            tally.last_error = f"{url} answered {e.code}: {detail}"
+            error = f"{url} answered {e.code}: {_body(e)}"
             if e.code == 429:
-                reason, delay = "rate_limited", max(wait, _retry_after(e, wait))
+                reason, delay = "rate_limited", max(wait, _retry_after(e, wait, cap=t.timeout))
             elif e.code >= 500:
                 reason = "server_error"
-            else:
+            elif e.code in FATAL_4XX:
                 hint = f" (is {t.api_key_env} set?)" if e.code in (401, 403) else ""
-                raise TeacherError(f"teacher {tally.last_error}{hint}") from None
+                tally.gave_up(error)
+                raise TeacherError(f"teacher {error}{hint}") from None
+            else:
+                tally.gave_up(error)
+                return None
         except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
-            reason, tally.last_error = "unreachable", f"{url} did not answer: {getattr(e, 'reason', e)}"
+            reason, error = "unreachable", f"{url} did not answer: {getattr(e, 'reason', e)}"
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            reason, tally.last_error = "garbage", f"{url}: an answer that is not a chat completion ({e!r:.200})"
+            reason, error = "garbage", f"{url}: an answer that is not a chat completion ({e!r:.200})"
         if attempt < t.retries:
-            tally.retries[reason] += 1
+            tally.retried(reason, error)
             sleep(delay * (1.0 + 0.1 * random.random()))
             wait *= 2
-    tally.failed += 1
+    tally.gave_up(error)
     return None
 
 
@@ -173,7 +214,7 @@ class LocalTeacher:
         out: list[list[Completion] | None] = []
         for r in rows:
             if r["prompt_id"] not in self.rendered:
-                self.tally.failed += 1
+                self.tally.gave_up(f"prompt {r['prompt_id']} is too long for the teacher's context")
                 out.append(None)
                 continue
             # the student's prompt ids go with the teacher's completion (the record is the student's row)
@@ -188,22 +229,37 @@ def read_shards(folder: Path) -> list[dict[str, Any]]:
     return samples
 
 
+def next_shard(folder: Path) -> int:
+    """One past the highest shard index on disk (not the count: with a gap, the count names an existing one)."""
+    return max((int(f.stem.split("-")[1]) + 1 for f in folder.glob("shard-*.jsonl")), default=0)
+
+
 def write_shard(folder: Path, index: int, samples: list[dict[str, Any]]) -> None:
+    """Written aside, flushed to disk, then renamed: a crash or a power cut leaves the whole shard or none."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".shard-{index:06d}.tmp"
-    tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    with open(tmp, "w") as f:
+        f.write("".join(json.dumps(s) + "\n" for s in samples))
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(folder / f"shard-{index:06d}.jsonl")
+
+
+def _total(s: dict[str, Any]) -> float:
+    """A sample's total reward; None (a reward that failed on it, stored as null) ranks below every number."""
+    return s["total"] if s["total"] is not None else float("-inf")
 
 
 def select(samples: list[dict[str, Any]], keep: str) -> list[dict[str, Any]]:
     """Of one prompt's samples, those kept: every passing one, the best total reward, or the shortest passing
-    one (fewest tokens; ties: the better total, then the first sampled)."""
+    one (fewest tokens; ties: the better total, then the first sampled). A passing sample can have no total (a
+    reward other than distill.verify failed on it): it ranks last on total."""
     ok = [s for s in samples if s["passed"]]
     if keep == "all" or not ok:
         return ok
     if keep == "best":
-        return [max(ok, key=lambda s: (s["total"], -s["num_tokens"]))]
-    return [min(ok, key=lambda s: (s["num_tokens"], -s["total"]))]
+        return [max(ok, key=lambda s: (_total(s), -s["num_tokens"]))]
+    return [min(ok, key=lambda s: (s["num_tokens"], -_total(s)))]
 
 
 def build_dataset(samples: list[dict[str, Any]], keep: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -264,16 +320,21 @@ def distill(cfg: Config) -> Path:
     if done:
         log.info("distill: %d prompts already in %s, %d to go", len(done), shards, len(todo))
     if t.url:
-        teacher: EndpointTeacher | LocalTeacher = EndpointTeacher(t, tok)
-    else:
+        teacher: EndpointTeacher | LocalTeacher | None = EndpointTeacher(t, tok)
+        name = teacher.name
+    elif todo:
         wanted = {r["prompt_id"] for r in todo}
         teacher = LocalTeacher(cfg, t.model, [r for r in train_rows if r["prompt_id"] in wanted])
+        name = teacher.name
+    else:  # every prompt is on disk already (a rerun after the sampling): no teacher to load, the data set to build
+        teacher, name = None, resolve_model_path(t.model)
+    tally = teacher.tally if teacher is not None else Tally()
     r = cfg.rollout
     params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
     sampling = json.dumps({"n": d.num_samples, "temperature": r.temperature, "top_p": r.top_p,
                            "max_new_tokens": r.max_new_tokens})
     pool = WorkerPool(cfg.scoring.workers, cfg.scoring.memory_mb) if cfg.scoring.workers > 0 else None
-    first = len(list(shards.glob("shard-*.jsonl"))) if shards.exists() else 0
+    first = next_shard(shards)
     t0 = time.perf_counter()
     try:
         for b, i in enumerate(range(0, len(todo), d.batch_prompts)):
@@ -281,8 +342,8 @@ def distill(cfg: Config) -> Path:
             comps = teacher.sample(batch, d.num_samples, params)
             ok = [(row, c) for row, c in zip(batch, comps, strict=True) if c]
             if not ok:
-                raise TeacherError(f"teacher {teacher.name}: every request of a batch failed after "
-                                   f"{t.retries} retries; last error: {teacher.tally.last_error}. The "
+                raise TeacherError(f"teacher {name}: every request of a batch failed after "
+                                   f"{t.retries} retries; last error: {tally.last_error}. The "
                                    f"{len(done) + i} prompts distilled so far are kept in {shards}: rerun to go on")
             groups, errors, _ = score_groups([x for x, _ in ok], [c for _, c in ok], rewards, prompts, pool)
             samples = []
@@ -293,7 +354,7 @@ def distill(cfg: Config) -> Path:
                     samples.append({"prompt_id": g.row["prompt_id"], "index": j, "prompt": g.row["prompt_messages"],
                                     "answer": str(g.row.get("answer", "")), "completion": c.text,
                                     "num_tokens": len(c.ids), "finish_reason": c.finish_reason,
-                                    "teacher": teacher.name, "sampling": sampling,
+                                    "teacher": name, "sampling": sampling,
                                     "rewards": json.dumps({k: (None if x != x else x) for k, x in per.items()}),
                                     "total": g.total[j] if g.total[j] == g.total[j] else None,
                                     "passed": bool(v == v and v >= d.threshold)})
@@ -304,8 +365,8 @@ def distill(cfg: Config) -> Path:
         if pool is not None:
             pool.close()
     rows, report = build_dataset(read_shards(shards), d.keep)
-    report.update({"teacher": teacher.name, "keep": d.keep, "verify": verify, "threshold": d.threshold,
-                   "failed_requests": teacher.tally.failed, "retries": dict(teacher.tally.retries),
+    report.update({"teacher": name, "keep": d.keep, "verify": verify, "threshold": d.threshold,
+                   "failed_requests": tally.failed, "retries": dict(tally.retries),
                    "seconds": round(time.perf_counter() - t0, 1)})
     if not rows:
         raise ConfigError(f"distill: no sample passed {verify} >= {d.threshold} ({report['samples']} sampled): "
