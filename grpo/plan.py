@@ -280,11 +280,10 @@ def _advice(cfg: Config, t: dict[str, float], budget: float, n: int, device: str
     if cfg.optim.micro_batch_size > 1 and act > 0.1 * budget:
         out.append(f"optim.micro_batch_size={max(cfg.optim.micro_batch_size // 2, 1)} (activations scale with it)")
     z = cfg.deepspeed.zero_stage
-    if cfg.model.dtype == "bfloat16" and z == 0:
-        z = 1  # it already runs as stage 1 (grpo.engine.ds_config)
-    if n > 1 and z < 3:
-        out.append(f"deepspeed.zero_stage={z + 1 if z < 2 else 3} (shards "
-                   + ("optimizer states" if z == 0 else "gradients" if z == 1 else "weights") + f" over {n} GPUs)")
+    zs = 1 if cfg.model.dtype == "bfloat16" and z == 0 else z  # bf16 runs stage 0 as stage 1 (grpo.engine.ds_config)
+    if n > 1 and zs < 3:
+        out.append(f"deepspeed.zero_stage={zs + 1 if zs < 2 else 3} (shards "
+                   + ("optimizer states" if zs == 0 else "gradients" if zs == 1 else "weights") + f" over {n} GPUs)")
     if z > 0 and not cfg.deepspeed.offload_optimizer and device == "cuda":
         out.append("deepspeed.offload_optimizer=true (optimizer states to host memory; slower steps)")
     if cfg.model.dtype == "float32" and device == "cuda":
