@@ -377,6 +377,12 @@ class Config(_Section):
             return self.optim.layout
         return "padded" if self.model.attn_implementation == "eager" else "prefix"
 
+    def zero_stage_run(self) -> int:
+        """The ZeRO stage DeepSpeed runs: bf16 at stage 0 runs as stage 1, DeepSpeed's BF16_Optimizer (fp32 gradient
+        sums and master weights, the latter and Adam's moments sharded over the ranks; grpo.engine.ds_config)."""
+        z = self.deepspeed.zero_stage
+        return 1 if self.model.dtype == "bfloat16" and z == 0 else z
+
     def tis_enabled(self) -> bool:
         """Importance weights are on when asked, or by default when a vLLM engine samples (its kernels differ
         from the trainer's, so its logprobs do too); the HF engine samples from the trainer's own module."""

@@ -80,7 +80,7 @@ def lr_lambda(warmup: int, total: int, schedule: str):
 
 
 def ds_config(cfg: Config, micro_batch: int, grad_accum: int, train: bool = True) -> dict[str, Any]:
-    z: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    z: dict[str, Any] = {"stage": cfg.zero_stage_run()}
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage > 0:
         z["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.deepspeed.zero_stage == 3:
@@ -98,12 +98,12 @@ def ds_config(cfg: Config, micro_batch: int, grad_accum: int, train: bool = True
         # At stage 0 DeepSpeed runs bf16 through its FP16 unfused optimizer, which sums the micro-batches'
         # gradients in bf16 (8 mantissa bits: small contributions round away over many accumulation steps).
         # Stage 1 with fp32 gradient accumulation is its BF16_Optimizer: fp32 master weights and fp32 gradient
-        # sums (grpo plan counts both). Its ranks average those sums with the engine's fallback all-reduce, which
-        # casts them to communication_data_type first, bf16 by default with bf16 on: fp32 keeps one rank's step
-        # and several ranks' steps on the same precision (and averages the flat fp32 buffer in place, no copy).
+        # sums (grpo plan counts both; the stage is Config.zero_stage_run's). Its ranks average those sums with
+        # the engine's fallback all-reduce, which casts them to communication_data_type first, bf16 by default with
+        # bf16 on: fp32 keeps one rank's step and several ranks' steps on the same precision (and averages the flat
+        # fp32 buffer in place, no copy).
         # With optimizer offload DeepSpeed takes its ZeRO-1 optimizer instead, whose bf16 gradient buckets fp32
         # communication would copy at twice their size: left at its default there.
-        z["stage"] = 1
         out["data_types"] = {"grad_accum_dtype": "fp32"}
         if "offload_optimizer" not in z:
             out["communication_data_type"] = "fp32"

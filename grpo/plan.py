@@ -180,8 +180,7 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
         # grpo.engine: BF16_Optimizer sums gradients in fp32 (with offload DeepSpeed takes its ZeRO-1 optimizer)
         t["fp32 gradient accumulation"] = A * 4.0
     opt = A * (12 if mixed else 8)  # fp32 master copy + m + v, or m + v beside fp32 weights
-    # grpo.engine runs bf16 at stage 0 as stage 1 (BF16_Optimizer), which shards master weights and optimizer states
-    zs = 1 if cfg.model.dtype == "bfloat16" and z == 0 else z
+    zs = cfg.zero_stage_run()  # bf16 at stage 0 shards master weights and optimizer states as stage 1 does
     t["optimizer states"] = 0.0 if (cfg.deepspeed.offload_optimizer and z > 0) else opt / (n if zs >= 1 else 1)
     if cfg.algo.beta > 0 and not sft:
         t["reference model"] = base / (n if z == 3 else 1)
@@ -280,7 +279,7 @@ def _advice(cfg: Config, t: dict[str, float], budget: float, n: int, device: str
     if cfg.optim.micro_batch_size > 1 and act > 0.1 * budget:
         out.append(f"optim.micro_batch_size={max(cfg.optim.micro_batch_size // 2, 1)} (activations scale with it)")
     z = cfg.deepspeed.zero_stage
-    zs = 1 if cfg.model.dtype == "bfloat16" and z == 0 else z  # bf16 runs stage 0 as stage 1 (grpo.engine.ds_config)
+    zs = cfg.zero_stage_run()
     if n > 1 and zs < 3:
         out.append(f"deepspeed.zero_stage={zs + 1 if zs < 2 else 3} (shards "
                    + ("optimizer states" if zs == 0 else "gradients" if zs == 1 else "weights") + f" over {n} GPUs)")

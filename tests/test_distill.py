@@ -242,10 +242,9 @@ def test_local_teacher_in_process(tmp_path, request, engine):
     passes: N per prompt, `shortest` keeps one per prompt, in TRL's conversational format."""
     model = request.getfixturevalue("tiny_model_dir" if engine == "hf" else "vllm_tiny_dir")
     out = tmp_path / "run"
-    p = _distill(tiny_overrides(model, out, **{"distill.num_prompts": 3, "distill.num_samples": 3,
-                                               "distill.teacher.model": str(model), "rollout.engine": engine,
-                                               "distill.threshold": 0.0, "distill.keep": "shortest",
-                                               "rewards": "[{name: accuracy}]"}))
+    settings = {"distill.num_prompts": 3, "distill.num_samples": 3, "distill.teacher.model": str(model),
+                "rollout.engine": engine, "distill.threshold": 0.0, "rewards": "[{name: accuracy}]"}
+    p = _distill(tiny_overrides(model, out, **settings, **{"distill.keep": "shortest"}))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((out / "distilled" / "report.json").read_text())
     assert (report["prompts"], report["samples"], report["passed"], report["kept"]) == (3, 9, 9, 3)
@@ -255,10 +254,7 @@ def test_local_teacher_in_process(tmp_path, request, engine):
     rows = datasets.load_from_disk(str(out / "distilled"))
     assert len(rows) == 3 and all(r["completion"][0]["role"] == "assistant" for r in rows)
     if engine == "hf":  # a rerun with every prompt on disk (here: to keep all) rebuilds the data set, no teacher
-        p = _distill(tiny_overrides(model, out, **{"distill.num_prompts": 3, "distill.num_samples": 3,
-                                                   "distill.teacher.model": str(model), "rollout.engine": engine,
-                                                   "distill.threshold": 0.0, "distill.keep": "all",
-                                                   "rewards": "[{name: accuracy}]"}))
+        p = _distill(tiny_overrides(model, out, **settings, **{"distill.keep": "all"}))
         assert p.returncode == 0, p.stderr[-3000:]
         report = json.loads((out / "distilled" / "report.json").read_text())
         assert (report["samples"], report["kept"], report["teacher"]) == (9, 9, str(model))
