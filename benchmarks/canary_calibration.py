@@ -5,8 +5,9 @@ and when it is broken, per dtype. The defaults in `grpo.vllm_engine.CANARY_TOLER
 
 Healthy: the engine loaded from the same weights as the trainer, three probes (the probe the trainer builds: a
 prompt and a fixed answer). Broken: one layer's MLP loaded from the next layer (a wrong name mapping), and one layer's
-MLP scaled by 2% (a small corruption the checksum catches; the canary only in float32). Prints one JSON line:
-{case: [mean_abs, max_abs]}.
+MLP scaled by 2% (a small corruption the checksum catches; the canary only in float32). Reference: the trainer's own
+rounding at the dtype on this CPU (its forward against a float64 one for float32, a float32 one for bfloat16), the
+scale a healthy sync's difference is read against. Prints one JSON line: {case: [mean_abs, max_abs]}.
 """
 
 from __future__ import annotations
@@ -43,12 +44,19 @@ def measure(model_dir: str, dtype: str) -> dict[str, tuple[float, float]]:
     def diff(ids: list[int]) -> tuple[float, float]:
         return canary_diff(probe_logprobs_vllm(llm, ids), trainer_probe_logprobs(model, ids))
 
+    wide = load_model(model_dir, "float32")
+    if dtype == "float32":
+        wide = wide.double()
     out = {}
     for i, q in enumerate(PROMPTS):
         prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                          tokenize=True, return_dict=False)
         ids = probe_ids(tok, prompt)
         out[f"healthy_{i}"] = diff(ids)
+        # the trainer's own rounding at this dtype on this CPU: its forward against a wider one, same weights
+        out[f"trainer_rounding_{i}"] = canary_diff(trainer_probe_logprobs(model, ids),
+                                                   trainer_probe_logprobs(wide, ids))
+    del wide
     params = dict(model.named_parameters())
     load_weights(llm, [(n.replace("layers.4.", "layers.3."), t.detach()) for n, t in params.items()
                        if ".layers.4.mlp." in n])

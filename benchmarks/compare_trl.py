@@ -34,12 +34,14 @@ RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
 PROMPTS, G, LR, MICRO = 8, 8, 3e-5, 16
 
 
-def run_ours(steps: int, device: str, dtype: str, max_new: int) -> dict:
+def run_ours(steps: int, device: str, dtype: str, max_new: int, model: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = [f"output_dir={tmp}/run", f"steps={steps}", "eval.at_start=false", "eval.at_end=false", "eval.every=0",
                 "checkpoint.every=0", "checkpoint.save_final_model=false", f"rollout.prompts_per_step={PROMPTS}",
                 f"rollout.num_generations={G}", f"rollout.max_new_tokens={max_new}", f"optim.lr={LR}",
                 f"optim.micro_batch_size={MICRO}", "scoring.workers=0", f"device={device}", f"model.dtype={dtype}"]
+        if model:
+            args.append(f"model.path={model}")
         env = {**os.environ, "DS_ACCELERATOR": device, "WANDB_MODE": "disabled"}
         p = subprocess.run([sys.executable, "-m", "grpo", "train", str(RECIPE), *args], env=env, cwd=ROOT,
                            capture_output=True, text=True)
@@ -54,7 +56,7 @@ def run_ours(steps: int, device: str, dtype: str, max_new: int) -> dict:
             "reward_mean": statistics.mean(r["reward/mean"] for r in m)}
 
 
-def trl_child(steps: int, device: str, dtype: str, max_new: int) -> None:
+def trl_child(steps: int, device: str, dtype: str, max_new: int, model: str) -> None:
     """Runs inside its own process: TRL's GRPOTrainer on the same data, prints one JSON line."""
     import torch
     from datasets import Dataset
@@ -71,7 +73,7 @@ def trl_child(steps: int, device: str, dtype: str, max_new: int) -> None:
     ds = Dataset.from_list([{"prompt": [{"role": "system", "content": cfg.data.system_prompt},
                                         {"role": "user", "content": r["question"]}], "answer": r["answer"]}
                             for r in train_rows])
-    path = str(embedded_model_dir())
+    path = model or str(embedded_model_dir())
     tok = load_tokenizer(path)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
@@ -126,13 +128,13 @@ def trl_child(steps: int, device: str, dtype: str, max_new: int) -> None:
                       "reward_mean": statistics.mean(rewards[1:]) if len(rewards) > 1 else None}))
 
 
-def run_trl(steps: int, device: str, dtype: str, max_new: int) -> dict:
+def run_trl(steps: int, device: str, dtype: str, max_new: int, model: str) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     if device == "cpu":
         env["ACCELERATE_USE_CPU"] = "1"
     p = subprocess.run([sys.executable, __file__, "--child-trl", "--steps", str(steps), "--device", device,
-                        "--dtype", dtype, "--max-new", str(max_new)], env=env, cwd=ROOT, capture_output=True,
-                       text=True)
+                        "--dtype", dtype, "--max-new", str(max_new), "--model", model], env=env, cwd=ROOT,
+                       capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-3000:])
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -145,9 +147,11 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--max-new", type=int, default=16)
+    ap.add_argument("--model", default="", help="an HF folder for both trainers (default: the embedded "
+                                                "SmolLM2-135M-Instruct; the tests smoke-run a tiny one)")
     ap.add_argument("--child-trl", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    setting = (args.steps, args.device, args.dtype, args.max_new)
+    setting = (args.steps, args.device, args.dtype, args.max_new, args.model)
     if args.child_trl:
         trl_child(*setting)
         return

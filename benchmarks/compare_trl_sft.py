@@ -53,25 +53,26 @@ def write_data(path: Path, rows: int) -> None:
                                                 "content": f"{steps} The answer is {r['answer']}."}]}) + "\n")
 
 
-def step_tokens(data: Path) -> list[int]:
+def step_tokens(data: Path, model: str) -> list[int]:
     """Prompt + completion tokens per row, as both trainers tokenize them (the chat template)."""
     from grpo.config import load_config
     from grpo.model import load_tokenizer, resolve_model_path
     from grpo.sft import load_examples
 
     cfg = load_config(RECIPE, [f"sft.data={data}"])
-    tok = load_tokenizer(resolve_model_path(cfg.model.path))
+    tok = load_tokenizer(model or resolve_model_path(cfg.model.path))
     return [len(e.prompt_ids) + len(e.completion_ids) for e in load_examples(cfg, tok)]
 
 
-def run_ours(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> dict:
+def run_ours(data: Path, steps: int, device: str, dtype: str, ckpt: bool, model: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = [f"output_dir={tmp}/run", f"sft.data={data}", f"sft.batch_size={BATCH}",
                 f"optim.micro_batch_size={MICRO}", f"optim.lr={LR}", "checkpoint.every=0",
                 "optim.warmup_steps=0", "optim.schedule=constant", "optim.betas=[0.9,0.999]",  # TRL's defaults
                 "checkpoint.save_final_model=false", f"device={device}", f"model.dtype={dtype}",
                 f"model.gradient_checkpointing={str(ckpt).lower()}",
-                f"sft.epochs={steps * BATCH / len(step_tokens(data))}"]
+                f"sft.epochs={steps * BATCH / len(step_tokens(data, model))}"]
+        args += [f"model.path={model}"] if model else []
         env = {**os.environ, "DS_ACCELERATOR": device, "WANDB_MODE": "disabled"}
         p = subprocess.run([sys.executable, "-m", "grpo", "sft", str(RECIPE), *args], env=env, cwd=ROOT,
                            capture_output=True, text=True)
@@ -83,7 +84,7 @@ def run_ours(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> dic
             "peak_gib": max(r["memory/peak_gib"] for r in m), "loss_last": m[-1]["loss"]}
 
 
-def trl_child(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> None:
+def trl_child(data: Path, steps: int, device: str, dtype: str, ckpt: bool, model: str) -> None:
     """Runs inside its own process: TRL's SFTTrainer on the same rows, prints one JSON line."""
     import torch
     from datasets import load_dataset
@@ -92,7 +93,7 @@ def trl_child(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> No
 
     from grpo.model import embedded_model_dir, load_tokenizer
 
-    path = str(embedded_model_dir())
+    path = model or str(embedded_model_dir())
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     ds = load_dataset("json", data_files=str(data), split="train")
@@ -123,12 +124,12 @@ def trl_child(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> No
                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)}))
 
 
-def run_trl(data: Path, steps: int, device: str, dtype: str, ckpt: bool) -> dict:
+def run_trl(data: Path, steps: int, device: str, dtype: str, ckpt: bool, model: str) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     if device == "cpu":
         env["ACCELERATE_USE_CPU"] = "1"
     cmd = [sys.executable, __file__, "--child-trl", str(data), "--steps", str(steps), "--device", device,
-           "--dtype", dtype] + ([] if ckpt else ["--no-gradient-checkpointing"])
+           "--dtype", dtype, "--model", model] + ([] if ckpt else ["--no-gradient-checkpointing"])
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-3000:])
@@ -144,17 +145,19 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--no-gradient-checkpointing", dest="ckpt", action="store_false",
                     help="both trainers without gradient checkpointing (TRL's SFTConfig turns it on by default)")
+    ap.add_argument("--model", default="", help="an HF folder for both trainers (default: the embedded "
+                    "SmolLM2-135M-Instruct; the tests smoke-run a tiny one)")
     ap.add_argument("--child-trl", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_trl:
-        trl_child(Path(args.child_trl), args.steps, args.device, args.dtype, args.ckpt)
+        trl_child(Path(args.child_trl), args.steps, args.device, args.dtype, args.ckpt, args.model)
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "sft.jsonl"
         write_data(data, args.rows)
-        lengths = step_tokens(data)
-        ours = run_ours(data, args.steps, args.device, args.dtype, args.ckpt)
-        trl = run_trl(data, args.steps, args.device, args.dtype, args.ckpt)
+        lengths = step_tokens(data, args.model)
+        ours = run_ours(data, args.steps, args.device, args.dtype, args.ckpt, args.model)
+        trl = run_trl(data, args.steps, args.device, args.dtype, args.ckpt, args.model)
     trl["tokens_per_s"] = statistics.mean(lengths) * BATCH / trl["step_s"]  # the same tokens per step as ours
     report(ours, trl, ("step_s", "tokens_per_s", "peak_gib", "loss_last"), args.json)
     print(f"({len(lengths)} rows, {statistics.mean(lengths):.1f} tokens each on average; batches of {BATCH}, "

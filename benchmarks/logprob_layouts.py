@@ -24,8 +24,10 @@ def main() -> None:
     ap.add_argument("--lengths", choices=["fixed", "varied"], default="fixed",
                     help="completions of 22 tokens, or of 1 to 43 (mean 22): where padding costs and a wrong mask "
                          "would show")
+    ap.add_argument("--model", default="", help="an HF folder (default: the embedded SmolLM2-135M-Instruct; the "
+                                                "tests run a tiny one)")
     args = ap.parse_args()
-    model = load_model(str(embedded_model_dir()), "float32")
+    model = load_model(args.model or str(embedded_model_dir()), "float32")
     g = torch.Generator().manual_seed(0)
     seqs = []
     for _ in range(8):

@@ -13,6 +13,7 @@ sync, an asynchronous one max(generate, update) + sync.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--model", default="embedded:smollm2-135m")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--server", default=None,
+                    help="the URL of a running `grpo serve` of --model to use (default: start one for the run)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value for the trainer (and the server)")
     args = ap.parse_args()
     from grpo.model import resolve_model_path
@@ -68,7 +71,7 @@ def main() -> None:
     model = resolve_model_path(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        with server(model, work, args.overrides) as url:
+        with contextlib.nullcontext(args.server) if args.server else server(model, work, args.overrides) as url:
             sync = summary(train(url, model, work / "sync", args.steps, False, args.overrides))
             asyn = summary(train(url, model, work / "async", args.steps, True, args.overrides))
     gen, upd, syn = sync["time/generate"], sync["time/update"], sync["time/sync"]

@@ -72,6 +72,19 @@ class _SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
 
 
+def generation_config(params: SamplingParams, eos_ids: list[int], pad: int) -> GenerationConfig:
+    """transformers' settings for one `generate` call. Temperature and top-p are applied by our own logits
+    processors (so the recorded logprobs are those of the distribution sampled from); here only what stays.
+
+    Sampling: top_k=0, not None: transformers 5 reads None as "unset" and falls back to its default of 50, which
+    sampled from the 50 likeliest tokens while the recorded logprobs (and the trainer's) were the full softmax's.
+    Greedy: no sampling flags at all, since transformers warns at every call (each evaluation) about flags that
+    greedy decoding ignores."""
+    sampling = {} if params.greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    return GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, eos_token_id=eos_ids,
+                            pad_token_id=pad, use_cache=True, **sampling)
+
+
 class HFEngine:
     """transformers' `generate` on the trainer's own module.
 
@@ -159,11 +172,7 @@ class HFEngine:
             if params.top_p < 1.0:
                 procs.append(TopPLogitsWarper(params.top_p))
         procs.append(recorder)
-        # top_k=0, not None: transformers 5 reads None as "unset" and falls back to its default of 50, which sampled
-        # from the 50 likeliest tokens while the recorded logprobs (and the trainer's) were the full softmax's
-        gen_cfg = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
-                                   temperature=1.0, top_p=1.0, top_k=0, eos_token_id=self.eos_ids,
-                                   pad_token_id=pad, use_cache=True)
+        gen_cfg = generation_config(params, self.eos_ids, pad)
         ids, mask = ids.to(device), mask.to(device)
         out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                                   logits_processor=procs, past_key_values=self._shared_prefill(ids, mask))

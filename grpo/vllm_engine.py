@@ -204,11 +204,13 @@ class SyncCheck:
 
 
 # Default canary tolerances (mean |engine - trainer| logprob on the probe), per model.dtype. Calibrated on the embedded
-# model, vLLM's CPU build against the HF forward (benchmarks/canary_calibration.py): healthy syncs measured 6e-6 in
-# float32 and 0.049-0.068 in bfloat16 (bf16 kernels round differently, a few probe tokens move by 0.4); a wrong
-# name mapping (one layer's MLP loaded from the next) measured 0.74 in both; one layer's MLP scaled by 2% measured
-# 0.024 in float32 and is lost in bf16's noise (0.055), which the checksum catches instead. float16 carries 3 more
-# mantissa bits than bfloat16, so its kernel noise is about 8x smaller.
+# model, vLLM's CPU build against the HF forward (benchmarks/canary_calibration.py), on two kinds of CPU: healthy
+# syncs measured about 5e-6 in float32 and, in bfloat16, 0.049-0.068 on an AMD EPYC (AVX-512 with AVX512-BF16) and
+# 0.084-0.087 on an Intel Xeon (AMX-BF16): bf16 kernels round differently, a few probe tokens move by 0.4, and the
+# trainer's own bf16 forward sits as far from its float32 one. A wrong name mapping (one layer's MLP loaded from the
+# next) measured 0.74 in both dtypes on both. One layer's MLP scaled by 2% measured 0.024 in float32 and is lost in
+# bf16's noise (0.055), which the checksum catches instead. float16 carries 3 more mantissa bits than bfloat16, so
+# its kernel noise is about 8x smaller.
 CANARY_TOLERANCE = {"float32": 0.005, "bfloat16": 0.25, "float16": 0.1}
 
 

@@ -68,6 +68,18 @@ def run_cli(args: list[str], timeout: int = 600, launcher: list[str] | None = No
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def library_rss_gib() -> float:
+    """Peak RSS of a fresh python with what the trainer imports (torch, transformers, deepspeed, grpo.train), in GiB:
+    the one term of `grpo plan`'s CPU prediction that is not derived from shapes (`CPU_RESERVE_GIB`, measured once).
+    It varies with the machine (the libraries oneDNN and OpenMP load, their per-thread buffers), so a memory test
+    reads it in the same run and puts it in place of the constant."""
+    code = ("import resource, torch, transformers, deepspeed, grpo.train; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+
+
 def metrics(run: Path) -> list[dict]:
     """The run's metrics.jsonl, one dict per logged step."""
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -274,17 +274,16 @@ def test_a_new_shard_never_takes_an_existing_name(tmp_path):
 @pytest.mark.integration
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_serve_teacher_through_the_openai_api(tmp_path, vllm_tiny_dir):
-    """A real `vllm serve` (grpo serve) as the teacher, through its OpenAI-compatible /v1/chat/completions."""
-    from grpo.serve import running
-
-    with running(RECIPE, [f"model.path={vllm_tiny_dir}"], tmp_path / "server", timeout=300) as url:
-        out = tmp_path / "run"
-        p = _distill(tiny_overrides(vllm_tiny_dir, out, **{"distill.num_prompts": 4, "distill.num_samples": 2,
-                                                           "distill.teacher.url": f"{url}/v1",
-                                                           "distill.teacher.model": str(vllm_tiny_dir),
-                                                           "distill.threshold": 0.0,
-                                                           "rewards": "[{name: accuracy}]"}))
+def test_vllm_serve_teacher_through_the_openai_api(tmp_path, vllm_tiny_dir, vllm_server):
+    """A real `vllm serve` (grpo serve, the session's) as the teacher, through its OpenAI-compatible
+    /v1/chat/completions."""
+    url = vllm_server
+    out = tmp_path / "run"
+    p = _distill(tiny_overrides(vllm_tiny_dir, out, **{"distill.num_prompts": 4, "distill.num_samples": 2,
+                                                       "distill.teacher.url": f"{url}/v1",
+                                                       "distill.teacher.model": str(vllm_tiny_dir),
+                                                       "distill.threshold": 0.0,
+                                                       "rewards": "[{name: accuracy}]"}))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((out / "distilled" / "report.json").read_text())
     assert (report["prompts"], report["samples"], report["failed_requests"]) == (4, 8, 0)

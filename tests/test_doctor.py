@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RECIPE, ROOT
+from tests.helpers import RECIPE, ROOT, library_rss_gib
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,11 @@ def test_embedded_recipe_passes_with_the_hf_engine(tmp_path):
     assert "weights restored exactly" in r["checkpoint"][1]
     measured, predicted = map(float, re.search(r"measured peak ([\d.]+) GiB.*predicted ([\d.]+) GiB",
                                                r["memory"][1]).groups())
-    assert 0 < measured < 1.3 * predicted
+    # doctor's own verdict allows 1.3x its prediction (grpo.doctor.MEMORY_SLACK); here, read with this machine's RSS
+    # of the libraries in place of the prediction's one measured constant (tests.helpers.library_rss_gib)
+    from grpo.plan import CPU_RESERVE_GIB
+
+    assert 0 < measured < 1.3 * (predicted - CPU_RESERVE_GIB + max(CPU_RESERVE_GIB, library_rss_gib()))
     assert not (tmp_path / "run" / "doctor").exists()  # removed without --keep
 
 

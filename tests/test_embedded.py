@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import ROOT, execute_notebook, metrics, run_cli
+from tests.helpers import ROOT, execute_notebook, library_rss_gib, metrics, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -20,12 +20,14 @@ def test_embedded_default_short_run(tmp_path):
     p = run_cli(overrides, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     m = metrics(run)
-    # `grpo plan` predicted this run's peak memory (RSS on CPU) before it started: within 30%
+    # `grpo plan` predicted this run's peak memory (RSS on CPU) before it started: within 30%, once its one measured
+    # constant (the libraries' RSS) is replaced by this machine's figure, read in the same run; the rest of the
+    # prediction is derived from the model's shapes and the recipe, so the band does not depend on the CPU
     from grpo.config import load_config
-    from grpo.plan import longest_prompt, plan
+    from grpo.plan import CPU_RESERVE_GIB, longest_prompt, plan
 
     cfg = load_config(ROOT / "recipes" / "smollm2-135m-arith.yaml", overrides)
-    predicted = plan(cfg, 1, None, longest_prompt(cfg), "cpu").peak_gib
+    predicted = plan(cfg, 1, None, longest_prompt(cfg), "cpu").peak_gib - CPU_RESERVE_GIB + library_rss_gib()
     measured = max(r.get("memory/peak_gib", 0.0) for r in m)
     print(f"grpo plan: predicted {predicted:.2f} GiB, measured {measured:.2f} GiB")
     assert abs(predicted - measured) / measured < 0.3, (predicted, measured)

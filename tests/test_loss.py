@@ -5,7 +5,7 @@ import torch
 
 from grpo.loss import LossInput, clipped_surrogate, k3_kl, policy_loss, token_weights, truncated_is_weights
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.numerics]
 
 
 def test_clipped_surrogate_by_hand():

@@ -170,7 +170,7 @@ def test_hostile_inputs_stay_linear():
     assert accuracy(["1" + ",000" * 20000], ["5"]) == [0.0]
     assert accuracy(["\\boxed{5" + " " * 5000 + "x}"], ["5"], extract="boxed") == [0.0]
     assert number_only(["5" + " " * 100_000 + "x"]) == [0.0]
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 5  # linear: well under 1 s anywhere; a quadratic scan of 100k: minutes
 
 
 @pytest.mark.unit

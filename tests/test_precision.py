@@ -77,6 +77,7 @@ print("NORMS", ours, opt._global_grad_norm)
 """
 
 
+@pytest.mark.numerics
 def test_fp16_stage0_grad_norm_is_unscaled(tmp_path):
     """At ZeRO stage 0, fp16 runs DeepSpeed's FP16_UnfusedOptimizer (torch's AdamW is not its fused Adam), which
     records the norm of the loss-scaled gradients; the logged norm divides the scale out. DeepSpeed refuses fp16 on
@@ -148,6 +149,7 @@ def test_one_rank_skips_deepspeeds_flattened_gradient_copy(tiny_model_dir, tmp_p
     assert [r[1] for r in rows][1] == "BF16_Optimizer"
 
 
+@pytest.mark.numerics
 def test_two_ranks_average_bf16_gradient_sums_in_fp32(tiny_model_dir):
     """bf16 on two ranks: BF16_Optimizer's fp32 gradient sums are averaged over the ranks in fp32. DeepSpeed's
     default casts them to bf16 for the all-reduce (communication_data_type follows bf16), so one rank and several

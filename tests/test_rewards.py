@@ -59,7 +59,7 @@ def test_hostile_input_is_linear_time():
                think_answer, number_only):
         out = fn(hostile)
         assert all(v is None or math.isfinite(v) for v in out)
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 5  # linear: well under 1 s anywhere; a quadratic scan of 100k: minutes
 
 
 def test_empty_and_whitespace_completions_score_finite():
@@ -153,6 +153,8 @@ def test_every_reward_is_bounded_on_hostile_input():
         t0 = time.perf_counter()
         s = score(build_rewards([spec]), HOSTILE, cols)
         took = time.perf_counter() - t0
+        # linear work on these inputs takes milliseconds on any CPU; the quadratic regexes they are built against
+        # take seconds to minutes (64k characters squared): 2 s separates the two on a 2x slower or loaded machine
         assert took < 2.0, f"{name}: {took:.2f} s on hostile input"
         assert all(v is None or math.isnan(v) or math.isfinite(v) for v in s.per_reward[name]), name
     t0 = time.perf_counter()

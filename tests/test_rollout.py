@@ -3,7 +3,7 @@ import torch
 
 from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
 from grpo.model import load_model
-from grpo.rollout import HFEngine, SamplingParams
+from grpo.rollout import HFEngine, SamplingParams, generation_config
 
 pytestmark = pytest.mark.unit
 
@@ -36,6 +36,7 @@ def test_groups_shapes_and_finish_reasons(engine, tokenizer):
             assert all(lp <= 0 for lp in c.logprobs)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9)])
 def test_engine_logprobs_match_trainer(engine, tokenizer, temperature, top_p):
     """The engine's sampling logprobs are the trainer's logprobs at the same temperature (top-p renormalises,
@@ -59,6 +60,15 @@ def test_greedy_is_deterministic_and_batch_independent(tiny_model_dir, tokenizer
     a = HFEngine(model, tokenizer, batch_size=1).generate(prompts, 1, SamplingParams(8, greedy=True))
     b = HFEngine(model, tokenizer, batch_size=8).generate(prompts, 1, SamplingParams(8, greedy=True))
     assert [g[0].ids for g in a] == [g[0].ids for g in b]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generation_config_is_valid_for_transformers(greedy):
+    """transformers' strict validation finds nothing to warn about: an evaluation's greedy decoding once logged
+    "generation flags are not valid: ['top_k']" at every call. Sampling keeps top_k=0 (the full distribution)."""
+    cfg = generation_config(SamplingParams(8, greedy=greedy), [2], 0)
+    cfg.validate(strict=True)
+    assert cfg.do_sample is not greedy and (greedy or cfg.top_k == 0)
 
 
 def test_shared_prompt_prefill_matches_separate_generation(tiny_model_dir, tokenizer):

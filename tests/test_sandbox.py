@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.root,
               pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
                                  reason="bubblewrap not installed")]
 FAST = Limits(wall_seconds=3, cpu_seconds=3)
+LEFTOVER_GRACE = 25.0
 
 
 def _nobody_procs() -> list[int]:
@@ -37,10 +38,16 @@ def _nobody_procs() -> list[int]:
 
 @pytest.fixture(autouse=True)
 def no_leftovers():
+    """No sandboxed process (uid nobody) outlives the test. Under xdist another worker's sandboxes come and go
+    meanwhile, and uid is all they share with ours: a new one may stay until LEFTOVER_GRACE, longer than any
+    sandbox of the suite may live (wall limits of at most 20 s), while the leaks guarded against sleep for 1000 s."""
     before = set(_nobody_procs())
     yield
     time.sleep(0.2)
-    assert set(_nobody_procs()) <= before, "a sandboxed process outlived its run"
+    deadline = time.monotonic() + LEFTOVER_GRACE
+    while (left := set(_nobody_procs()) - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"a sandboxed process outlived its run: {sorted(left)}"
 
 
 def test_available():
@@ -53,14 +60,24 @@ def _timed(code: str, **kw):
     return r, time.monotonic() - t0
 
 
-def test_infinite_loop_is_cut_at_the_deadline():
+@pytest.fixture(scope="module")
+def slack() -> float:
+    """What a deadline may overrun by on this machine, measured here: twice the cost of a sandboxed run that does
+    nothing (bubblewrap, the namespaces, python's start-up, and the kill and reaping after), plus 1 s of scheduling
+    on a loaded 2-core machine. The failures these tests guard against overrun without bound."""
+    best = min(_timed("pass")[1] for _ in range(3))
+    return 2 * best + 1.0
+
+
+def test_infinite_loop_is_cut_at_the_deadline(slack):
     r, dt = _timed("while True: pass")
-    assert r.status == "timeout" and dt < FAST.wall_seconds + 2
+    assert r.status == "timeout" and dt < FAST.wall_seconds + slack
 
 
-def test_fork_bomb_is_contained():
+def test_fork_bomb_is_contained(slack):
     r, dt = _timed("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
-    assert r.status in ("timeout", "killed", "ok") and dt < FAST.wall_seconds + 3
+    # the kill walks every forked process (the pid limit caps them): one slack more
+    assert r.status in ("timeout", "killed", "ok") and dt < FAST.wall_seconds + 2 * slack
 
 
 def test_memory_bomb_fails_inside():
@@ -68,11 +85,13 @@ def test_memory_bomb_fails_inside():
     assert "allocated" not in r.stdout and r.returncode != 0
 
 
-def test_filling_the_disk_is_contained():
+def test_filling_the_disk_is_contained(slack):
     free = shutil.disk_usage("/").free
     r, dt = _timed("i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20)); i += 1")
-    assert r.returncode != 0 and dt < FAST.wall_seconds + 2
-    assert shutil.disk_usage("/").free > free - (256 << 20)
+    assert r.returncode != 0 and dt < FAST.wall_seconds + slack
+    # unconfined, the loop writes several GiB into the page cache in its 3 s; 1 GiB leaves room for what another
+    # xdist worker may write meanwhile (a checkpoint, or the embedded model's 0.5 GiB export)
+    assert shutil.disk_usage("/").free > free - (1 << 30)
 
 
 def test_no_network_even_to_localhost():
@@ -121,16 +140,16 @@ def test_killing_the_parent_or_everyone_leaves_us_alive():
     assert r.status in ("ok", "killed")  # we are still here to assert
 
 
-def test_ignoring_sigterm_and_background_children_are_killed():
+def test_ignoring_sigterm_and_background_children_are_killed(slack):
     r, dt = _timed("import os, signal, subprocess, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                    "if os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\n"
                    "subprocess.Popen(['sleep', '1000'], start_new_session=True)\ntime.sleep(1000)")
-    assert r.status == "timeout" and dt < FAST.wall_seconds + 2  # and no_leftovers checks the children
+    assert r.status == "timeout" and dt < FAST.wall_seconds + slack  # and no_leftovers checks the children
 
 
-def test_megabytes_of_output_are_capped():
+def test_megabytes_of_output_are_capped(slack):
     r, dt = _timed("import sys\nfor _ in range(64):\n    sys.stdout.write('y' * (1 << 20))")
-    assert r.truncated and len(r.stdout) <= FAST.output_bytes and dt < FAST.wall_seconds + 1
+    assert r.truncated and len(r.stdout) <= FAST.output_bytes and dt < FAST.wall_seconds + slack
 
 
 def test_invalid_utf8_output_is_decoded_leniently():
@@ -162,11 +181,11 @@ def block(src: str) -> str:
                                  "for i in range(3):\n    print(spec['nonce'] + ' ' + json.dumps({'i': i, 'ok': True,"
                                  " 'v': 42}), flush=True)\ndef add(a, b): return 42", 0.0),
 ])
-def test_assert_verdicts(name, src, expected):
+def test_assert_verdicts(name, src, expected, slack):
     t0 = time.monotonic()
     got = code_tests([block(src)], [ASSERTS], timeout=3)[0]
     assert got == pytest.approx(expected), name
-    assert time.monotonic() - t0 < 8
+    assert time.monotonic() - t0 < 3 + 2 * slack  # the timeout, and a harness run on each side of it
 
 
 def test_infinite_loop_in_last_test_keeps_earlier_results():

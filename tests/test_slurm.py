@@ -14,7 +14,8 @@ import pytest
 
 from tests.helpers import ROOT, tiny_overrides
 
-pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
+# one xdist worker runs them all, one after another: they share the one-node cluster (and its start-up)
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")
