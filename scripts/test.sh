@@ -22,6 +22,11 @@ avx2=(env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 GRPO_VLLM_CPU_ISA=avx
 workers=${GRPO_TEST_WORKERS:-2}
 pytest=(.venv/bin/python -m pytest -q -ra --durations=25)
 [ "$workers" != 0 ] && pytest+=(-n "$workers" --dist loadgroup)
+# Threads that wait sleep rather than spin: with two workers, and with vLLM servers beside trainers, there are more
+# OpenMP threads than cores, and libgomp's default spinning let a waiting thread take the core from a working one.
+# Measured here (2 cores): the canary test beside the update-reference test took 190 s and 187 s, and 40 s and 23 s
+# with PASSIVE (19 s and 20 s each alone).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 [ "${GRPO_ISA:-}" = avx2 ] && pytest=("${avx2[@]}" "${pytest[@]}")
 t1=$SECONDS
 rc=0
