@@ -1,11 +1,11 @@
 """The Markdown table of every configuration option, generated from grpo/config.py's models: section, dotted key,
 type (with its constraints), default, description, and TRL GRPOConfig's name for the same setting (grpo.config's
-TRL_NAMES). README.md holds it between `<!-- options:start -->` and `<!-- options:end -->`;
+TRL_NAMES). docs/recipes.md holds it between `<!-- options:start -->` and `<!-- options:end -->`;
 tests/test_options_table.py fails when the two differ.
 
     python scripts/options_table.py            # print the table
-    python scripts/options_table.py --write    # rewrite README.md's block in place
-    python scripts/options_table.py --check    # exit 1 when README.md's block is stale
+    python scripts/options_table.py --write    # rewrite docs/recipes.md's block in place
+    python scripts/options_table.py --check    # exit 1 when docs/recipes.md's block is stale
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from grpo.config import TRL_NAMES, Config  # noqa: E402
 
-README = ROOT / "README.md"
+DOC = ROOT / "docs" / "recipes.md"
 START, END = "<!-- options:start -->", "<!-- options:end -->"
 BOUNDS = {at.Gt: ("gt", ">"), at.Ge: ("ge", ">="), at.Lt: ("lt", "<"), at.Le: ("le", "<="),
           at.MinLen: ("min_length", "min length"), at.MaxLen: ("max_length", "max length")}
@@ -89,17 +89,17 @@ def splice(text: str, block: str) -> str:
     before, sep, rest = text.partition(START)
     _, sep2, after = rest.partition(END)
     if not sep or not sep2:
-        raise SystemExit(f"{README}: the markers {START} and {END} are missing")
+        raise SystemExit(f"{DOC}: the markers {START} and {END} are missing")
     return f"{before}{START}\n{block}\n{END}{after}"
 
 
 def main(argv: list[str]) -> int:
-    text = README.read_text()
+    text = DOC.read_text()
     if "--write" in argv:
-        README.write_text(splice(text, table()))
+        DOC.write_text(splice(text, table()))
     elif "--check" in argv:
         if splice(text, table()) != text:
-            print(f"{README} is stale: run python scripts/options_table.py --write", file=sys.stderr)
+            print(f"{DOC} is stale: run python scripts/options_table.py --write", file=sys.stderr)
             return 1
     else:
         print(table())

@@ -2,7 +2,7 @@
 embedded model's real tokenizer (converted once into the cache by `grpo prepare-model`, which scripts/setup.sh runs).
 
 Every test carries exactly one tier marker, `unit` or `integration` (their meaning: pyproject.toml's markers and
-README.md's Tests section); collection fails on a test that has neither, both, or `unit` beside a marker that implies
+tests/README.md); collection fails on a test that has neither, both, or `unit` beside a marker that implies
 integration-level cost (slow, vllm, slurm, root)."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def pytest_collection_modifyitems(config, items):
         shown = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
         raise pytest.UsageError(
             f"{len(bad)} test(s) without exactly one tier: mark each `pytest.mark.unit` or `pytest.mark.integration`"
-            f" (module-level `pytestmark = ...` or per test; see README.md, Tests):\n  {shown}")
+            f" (module-level `pytestmark = ...` or per test; see tests/README.md):\n  {shown}")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -2,7 +2,7 @@
 
 The case data in `tests/data/peers/*.jsonl` was transcribed from the peers' own test files (origins name file,
 test and line; commits in `tests/data/peers/README.md`); the code here maps each peer reward onto ours and is our
-own. `agreement()` is used by the tests and printed by `python -m tests.peer_cases` (the README's table).
+own. `agreement()` is used by the tests and printed by `python -m tests.peer_cases` (the table in docs/rewards.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The benchmark scripts stay runnable: each on a tiny configuration (figures are not asserted; they are measured
-by running the scripts, see README.md)."""
+by running the scripts, see docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The options table in README.md is generated from grpo/config.py (scripts/options_table.py), so the docs cannot
-drift from the code, and every TRL GRPOConfig name it lists exists in the installed trl."""
+"""The options table in docs/recipes.md is generated from grpo/config.py (scripts/options_table.py), so the docs
+cannot drift from the code, and every TRL GRPOConfig name it lists exists in the installed trl."""
 
 import dataclasses
 import importlib.util
@@ -18,10 +18,11 @@ options_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(options_table)
 
 
-def test_readme_block_is_the_generated_table():
-    text = (ROOT / "README.md").read_text()
+def test_docs_block_is_the_generated_table():
+    text = (ROOT / "docs" / "recipes.md").read_text()
     block = text.split(options_table.START)[1].split(options_table.END)[0]
-    assert block == f"\n{options_table.table()}\n", "README.md is stale: python scripts/options_table.py --write"
+    stale = "docs/recipes.md is stale: python scripts/options_table.py --write"
+    assert block == f"\n{options_table.table()}\n", stale
     assert options_table.splice(text, options_table.table()) == text
 
 

@@ -1,7 +1,7 @@
 """Other projects' published reward test cases, with their expected values, against our rewards; the calling
 convention of TRL (keywords, conversational completions, factories) end to end, in a real run of the embedded model.
 
-Every disagreement with a peer is either fixed or listed in DIFFERENCES with its reason (and in README.md). The
+Every disagreement with a peer is either fixed or listed in DIFFERENCES with its reason (and in docs/rewards.md). The
 test fails when a listed difference goes away (update the list) or a new one appears."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from tests import peer_cases
 
-# origin -> why we differ (deliberately). Keep README.md's list in step.
+# origin -> why we differ (deliberately). Keep docs/rewards.md's list in step.
 DIFFERENCES = {
     "tests/test_all.py::test_number_extraction (line 71)":
         "'1,22' is a list of two numbers for us (commas separate values or thousands, never decimals)",
