@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", default="", help="an HF folder (default: the embedded SmolLM2-135M-Instruct; the tests "
+                                                "smoke-run a tiny one)")
     args = ap.parse_args()
 
     from grpo.config import load_config
@@ -39,7 +41,8 @@ def main() -> None:
     from grpo.vllm_engine import VLLMEngine, probe_ids
 
     cfg = load_config("recipes/smollm2-135m-arith.yaml", [f"model.dtype={args.dtype}", f"device={args.device}",
-                                                           f"rollout.max_new_tokens={args.max_new_tokens}"])
+                                                           f"rollout.max_new_tokens={args.max_new_tokens}"]
+                      + ([f"model.path={args.model}"] if args.model else []))
     path = resolve_model_path(cfg.model.path)
     tok = load_tokenizer(path)
     rows, _ = load_rows(cfg.data)

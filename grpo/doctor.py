@@ -118,13 +118,27 @@ def devices(device: str, memory_gib: float | None) -> tuple[Check, float]:
 def plan_check(cfg: Config, world: int, budget: float, device: str):
     from grpo.plan import longest_prompt, plan
 
-    p = plan(cfg, world, budget, longest_prompt(cfg), device)
+    reserve = libraries_rss_gib() if device == "cpu" else None
+    p = plan(cfg, world, budget, longest_prompt(cfg), device, cpu_reserve_gib=reserve)
     figures = (f"predicted peak {p.peak_gib:.2f} GiB per device of {budget:.1f} GiB (generation "
-               f"{p.generation_gib:.2f}, update {p.update_gib:.2f}), {world} rank(s)")
+               f"{p.generation_gib:.2f}, update {p.update_gib:.2f}), {world} rank(s)"
+               + (f"; libraries {reserve:.2f} GiB RSS here" if reserve is not None else ""))
     if p.fits:
         return Check("plan", PASS, figures), p
     return Check("plan", FAIL, figures + ": does not fit",
                  "; ".join(p.advice) or "a smaller model or batch"), p
+
+
+def libraries_rss_gib() -> float:
+    """This process's peak RSS once the trainer's libraries are imported (torch, transformers, deepspeed, grpo.train),
+    before any model: the CPU plan's one term that is not derived from shapes. It varies with the machine (the
+    kernels' libraries oneDNN and OpenMP load, their buffers), so the memory check reads it here rather than trusting
+    grpo.plan.CPU_RESERVE_GIB, measured once on one machine."""
+    import resource
+
+    import grpo.train  # noqa: F401 - what a training process holds before its model
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 SANDBOX_PROBE = """

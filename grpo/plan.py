@@ -161,9 +161,11 @@ class Plan:
 
 
 def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | None = None,
-         device: str = "cuda", phase: str = "grpo") -> Plan:
+         device: str = "cuda", phase: str = "grpo", cpu_reserve_gib: float | None = None) -> Plan:
     """`phase`: "grpo" (`grpo train`), or "sft" (`grpo sft`: no rollouts and no reference; a micro-batch is
-    min(optim.micro_batch_size, sft.batch_size / gpus) sequences of up to sft.max_length tokens, packed)."""
+    min(optim.micro_batch_size, sft.batch_size / gpus) sequences of up to sft.max_length tokens, packed).
+    `cpu_reserve_gib`: on CPU, the RSS of the interpreter and its libraries where the run will happen (`grpo doctor`
+    reads its own); None takes CPU_RESERVE_GIB, measured once, since it varies with the machine's libraries."""
     s = model_shape(cfg.model.path)
     b = BYTES[cfg.model.dtype]
     P = s.params()
@@ -194,7 +196,7 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
     if sft:  # packed sequences of up to sft.max_length tokens: no padding, no prompt sharing, no generation
         m = min(cfg.optim.micro_batch_size, max(1, cfg.sft.batch_size // n))
         _update_terms(cfg, s, b, m * cfg.sft.max_length, t)
-        return _finish(cfg, t, n, P, memory_gib, device, gen_extra=0.0)
+        return _finish(cfg, t, n, P, memory_gib, device, 0.0, cpu_reserve_gib)
     prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
     new = cfg.rollout.max_new_tokens
     seq = prompt + new
@@ -227,7 +229,7 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
                      if cfg.rollout.engine == "vllm" else 0.0)
         if gen_extra:
             t["colocated vLLM (weights x2 + KV cache + runtime)"] = gen_extra
-    p = _finish(cfg, t, n, P, memory_gib, device, gen_extra)
+    p = _finish(cfg, t, n, P, memory_gib, device, gen_extra, cpu_reserve_gib)
     if cfg.rollout.engine == "vllm" and device == "cuda" and memory_gib:
         kv_room = t["colocated vLLM (while sampling)"] - P * b
         want = cfg.rollout.prompts_per_step * cfg.rollout.num_generations / n * seq * kv_token
@@ -252,9 +254,10 @@ def _update_terms(cfg: Config, s: Shape, b: int, tokens: int, t: dict[str, float
 
 
 def _finish(cfg: Config, t: dict[str, float], n: int, P: int, memory_gib: float | None, device: str,
-            gen_extra: float) -> Plan:
+            gen_extra: float, cpu_reserve_gib: float | None = None) -> Plan:
     """The phases' peaks from the terms, the verdict, and advice when it does not fit."""
-    reserve = (GPU_RESERVE_GIB if device == "cuda" else CPU_RESERVE_GIB) * GIB
+    cpu_reserve = CPU_RESERVE_GIB if cpu_reserve_gib is None else cpu_reserve_gib
+    reserve = (GPU_RESERVE_GIB if device == "cuda" else cpu_reserve) * GIB
     t["reserve"] = reserve
     static = (t["weights"] + t["gradients"] + t.get("fp32 gradient accumulation", 0.0) + t["optimizer states"]
               + t.get("reference model", 0.0) + reserve + t.get("zero-3 reduce bucket", 0.0)

@@ -33,7 +33,8 @@ rc=0
 "${pytest[@]}" "$@" || rc=$?
 t_suite=$((SECONDS - t1))
 t_avx2=0
-if [ $# -eq 0 ] && [ "${GRPO_ISA:-}" != avx2 ]; then
+# (not after an interruption or a usage error, exit codes 2 to 4: only after tests passed or failed)
+if [ $# -eq 0 ] && [ "${GRPO_ISA:-}" != avx2 ] && [ "$rc" -le 1 ]; then
   echo "== the numerics tests again, held to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 GRPO_VLLM_CPU_ISA=avx2)"
   t2=$SECONDS
   "${avx2[@]}" "${pytest[@]}" -m numerics || { [ "$rc" -ne 0 ] || rc=1; }

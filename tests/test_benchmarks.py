@@ -106,9 +106,10 @@ def test_compare_trl_sft_runs_both_trainers(tmp_path, tiny_model_dir):
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_generation_runs(tmp_path):
+def test_vllm_generation_runs(tmp_path, vllm_tiny_dir):
     out = tmp_path / "r.json"
-    _run("vllm_generation.py", "--prompts", "2", "--n", "3", "--max-new-tokens", "8", "--reps", "1", "--json", str(out))
+    _run("vllm_generation.py", "--prompts", "2", "--n", "3", "--max-new-tokens", "8", "--reps", "1", "--json", str(out),
+         "--model", str(vllm_tiny_dir))
     res = json.loads(out.read_text())
     assert res and all(v > 0 for v in _numbers(res))
 

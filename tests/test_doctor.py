@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RECIPE, ROOT, library_rss_gib
+from tests.helpers import RECIPE, ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -55,11 +55,10 @@ def test_embedded_recipe_passes_with_the_hf_engine(tmp_path):
     assert "weights restored exactly" in r["checkpoint"][1]
     measured, predicted = map(float, re.search(r"measured peak ([\d.]+) GiB.*predicted ([\d.]+) GiB",
                                                r["memory"][1]).groups())
-    # doctor's own verdict allows 1.3x its prediction (grpo.doctor.MEMORY_SLACK); here, read with this machine's RSS
-    # of the libraries in place of the prediction's one measured constant (tests.helpers.library_rss_gib)
-    from grpo.plan import CPU_RESERVE_GIB
-
-    assert 0 < measured < 1.3 * (predicted - CPU_RESERVE_GIB + max(CPU_RESERVE_GIB, library_rss_gib()))
+    # the prediction's one term not derived from shapes, the libraries' RSS, is read on this machine by doctor itself
+    # (grpo.doctor.libraries_rss_gib); its verdict, and this bound, allow 1.3x (grpo.doctor.MEMORY_SLACK)
+    assert "GiB RSS here" in r["plan"][1]
+    assert 0 < measured < 1.3 * predicted
     assert not (tmp_path / "run" / "doctor").exists()  # removed without --keep
 
 

@@ -24,10 +24,10 @@ def test_embedded_default_short_run(tmp_path):
     # constant (the libraries' RSS) is replaced by this machine's figure, read in the same run; the rest of the
     # prediction is derived from the model's shapes and the recipe, so the band does not depend on the CPU
     from grpo.config import load_config
-    from grpo.plan import CPU_RESERVE_GIB, longest_prompt, plan
+    from grpo.plan import longest_prompt, plan
 
     cfg = load_config(ROOT / "recipes" / "smollm2-135m-arith.yaml", overrides)
-    predicted = plan(cfg, 1, None, longest_prompt(cfg), "cpu").peak_gib - CPU_RESERVE_GIB + library_rss_gib()
+    predicted = plan(cfg, 1, None, longest_prompt(cfg), "cpu", cpu_reserve_gib=library_rss_gib()).peak_gib
     measured = max(r.get("memory/peak_gib", 0.0) for r in m)
     print(f"grpo plan: predicted {predicted:.2f} GiB, measured {measured:.2f} GiB")
     assert abs(predicted - measured) / measured < 0.3, (predicted, measured)

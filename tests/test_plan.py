@@ -102,6 +102,20 @@ def test_colocated_vllm_holds_its_share_while_sampling():
 
 
 @pytest.mark.unit
+def test_cpu_reserve_is_the_figure_given_and_moves_both_peaks_by_it():
+    """`grpo doctor` puts its own process's library RSS in place of the CPU reserve measured once: the term is that
+    figure, and each phase's peak moves by exactly the difference. On CUDA the figure is ignored."""
+    cfg = _cfg("device=cpu", "model.dtype=float32", "deepspeed.zero_stage=0")
+    base = plan(cfg, 1, None, device="cpu")
+    here = plan(cfg, 1, None, device="cpu", cpu_reserve_gib=1.2)
+    assert here.terms_gib["reserve"] == pytest.approx(1.2)
+    shift = 1.2 - base.terms_gib["reserve"]
+    assert here.update_gib == pytest.approx(base.update_gib + shift)
+    assert here.generation_gib == pytest.approx(base.generation_gib + shift)
+    assert plan(cfg, 1, 80, cpu_reserve_gib=1.2).terms_gib["reserve"] == pytest.approx(1.0)  # GPU_RESERVE_GIB
+
+
+@pytest.mark.unit
 def test_fp32_gradient_sums_only_where_bf16_optimizer_runs():
     """bf16 at stage 0-1 runs BF16_Optimizer (fp32 gradient sums); with optimizer offload at stage 1 DeepSpeed takes
     its ZeRO-1 optimizer instead, which keeps none."""

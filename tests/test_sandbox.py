@@ -44,9 +44,11 @@ def no_leftovers():
     before = set(_nobody_procs())
     yield
     time.sleep(0.2)
+    left = set(_nobody_procs()) - before  # those alive at the test's end; ones that start later are not ours
     deadline = time.monotonic() + LEFTOVER_GRACE
-    while (left := set(_nobody_procs()) - before) and time.monotonic() < deadline:
+    while left and time.monotonic() < deadline:
         time.sleep(0.5)
+        left &= set(_nobody_procs())
     assert not left, f"a sandboxed process outlived its run: {sorted(left)}"
 
 
@@ -62,11 +64,12 @@ def _timed(code: str, **kw):
 
 @pytest.fixture(scope="module")
 def slack() -> float:
-    """What a deadline may overrun by on this machine, measured here: twice the cost of a sandboxed run that does
-    nothing (bubblewrap, the namespaces, python's start-up, and the kill and reaping after), plus 1 s of scheduling
-    on a loaded 2-core machine. The failures these tests guard against overrun without bound."""
-    best = min(_timed("pass")[1] for _ in range(3))
-    return 2 * best + 1.0
+    """What a deadline may overrun by on this machine, measured here: twice the slowest of three sandboxed runs that
+    do nothing (bubblewrap, the namespaces, python's start-up, and the kill and reaping after), plus 1 s of
+    scheduling on a loaded 2-core machine, and never under the 2 s these tests allowed before. The failures they
+    guard against overrun without bound."""
+    worst = max(_timed("pass")[1] for _ in range(3))
+    return max(2.0, 2 * worst + 1.0)
 
 
 def test_infinite_loop_is_cut_at_the_deadline(slack):
@@ -185,7 +188,7 @@ def test_assert_verdicts(name, src, expected, slack):
     t0 = time.monotonic()
     got = code_tests([block(src)], [ASSERTS], timeout=3)[0]
     assert got == pytest.approx(expected), name
-    assert time.monotonic() - t0 < 3 + 2 * slack  # the timeout, and a harness run on each side of it
+    assert time.monotonic() - t0 < 3 + 3 * slack  # the timeout, and harness runs on each side of it
 
 
 def test_infinite_loop_in_last_test_keeps_earlier_results():

@@ -371,19 +371,18 @@ def test_server_mode_two_training_ranks(tmp_path, vllm_tiny_dir, vllm_server, ze
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_canary_default_passes_healthy_and_fails_broken_syncs(embedded_dir, dtype):
     """The per-dtype default tolerance sits between what a healthy sync measures and what a wrong name mapping
-    measures, on the real embedded model (vLLM's CPU kernels against the HF forward), with margins read against this
-    CPU's own rounding rather than against one machine's figure.
+    measures, on the real embedded model (vLLM's CPU kernels against the HF forward), 2x from each side.
 
     A healthy sync's difference is two implementations' rounding at the dtype (vLLM's kernels and the trainer's), so
-    by the triangle inequality it is at most the sum of each one's distance to a wider forward of the same weights.
-    The test measures the trainer's share on this CPU (`trainer_rounding`: its forward against a float64 one for
-    float32, a float32 one for bfloat16) and asserts vLLM's share is no more than twice that: healthy <= 3x it.
-    Measured mean |difference|, bfloat16, healthy / trainer's rounding: AMD EPYC (AVX-512, AVX512-BF16) 0.049-0.068
-    / 0.048-0.059; Intel Xeon (AMX-BF16) healthy 0.084-0.087; float32 about 5e-6 / 5e-6 on both. The default then
-    has to clear the healthy noise by 2x and sit 2x under a wrong name mapping (0.74 on every CPU: a wrong layer is
-    not a rounding effect). A CPU whose bf16 noise passes 0.125 fails here: that is the default's problem, not the
-    test's. A 2% scale of one layer's MLP is visible in float32 only; in bfloat16 it measures 0.055, inside the
-    healthy noise on every CPU seen, and the checksum is what catches it (test_sync_reflects_new_weights...)."""
+    it depends on the CPU; the test also measures the trainer's own share on this CPU (`trainer_rounding`: its forward
+    against a float64 one for float32, a float32 one for bfloat16) and shows it beside the healthy figure when it
+    fails. Measured mean |difference| in bfloat16, healthy / trainer's rounding: AMD EPYC (AVX-512, AVX512-BF16)
+    0.049-0.068 / 0.048-0.059; Intel Xeon (AMX-BF16) healthy 0.084-0.087; float32 about 5e-6 / 5e-6. So the bf16
+    default of 0.25 clears the worst healthy figure seen by 2.9x, and the 2x asserted here leaves 1.4x for CPUs not
+    yet seen. A CPU whose bf16 noise passes 0.125 fails here: that is the default's problem, not the test's. A wrong
+    name mapping measures 0.74 on every CPU (a wrong layer is not a rounding effect). A 2% scale of one layer's MLP is
+    visible in float32 only; in bfloat16 it measures 0.055, inside the healthy noise on every CPU seen, and the
+    checksum is what catches it (test_sync_reflects_new_weights_and_catches_corruption)."""
     from benchmarks.canary_calibration import measure
     from grpo.vllm_engine import CANARY_TOLERANCE
 
@@ -391,8 +390,8 @@ def test_canary_default_passes_healthy_and_fails_broken_syncs(embedded_dir, dtyp
     tol = CANARY_TOLERANCE[dtype]
     healthy = [v[0] for k, v in m.items() if k.startswith("healthy")]
     rounding = [v[0] for k, v in m.items() if k.startswith("trainer_rounding")]
+    print(f"{dtype}: healthy {max(healthy):.3g}, trainer's rounding {max(rounding):.3g}, tolerance {tol:g}")
     assert len(healthy) == len(rounding) == 3 and min(rounding) > 0, m
-    assert max(healthy) <= 3 * max(rounding), m  # vLLM's rounding is of the trainer's own size on this CPU
     assert max(healthy) < tol / 2, m
     assert m["broken_mlp_from_next_layer"][0] > 2 * tol, m
     if dtype == "float32":  # a 2% scale of one layer is within bf16's noise, not float32's
