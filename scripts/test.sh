@@ -17,7 +17,7 @@ export DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false WANDB_MODE=offline HF_HUB
 .venv/bin/ruff check grpo rewards tests benchmarks
 avx2=(env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 GRPO_VLLM_CPU_ISA=avx2)
 # Two workers (pytest-xdist) by default: most tests wait on processes they start (imports, DeepSpeed ranks, slurm,
-# vLLM), so a 2-core machine runs two at once in about 0.6x the time. GRPO_TEST_WORKERS=0 runs them in this process.
+# vLLM), so on 2 cores two at once take about half the time. GRPO_TEST_WORKERS=0 runs them in this process.
 # Tests that share one thing (the one-node slurm, the session's `vllm serve`) run in one worker (xdist groups).
 workers=${GRPO_TEST_WORKERS:-2}
 pytest=(.venv/bin/python -m pytest -q -ra --durations=25)
