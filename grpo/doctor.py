@@ -136,6 +136,8 @@ def libraries_rss_gib() -> float:
     grpo.plan.CPU_RESERVE_GIB, measured once on one machine."""
     import resource
 
+    import deepspeed  # noqa: F401 - grpo.engine imports it lazily, so grpo.train alone leaves it out
+
     import grpo.train  # noqa: F401 - what a training process holds before its model
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

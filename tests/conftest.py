@@ -21,7 +21,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-
 def _hold_vllm_to_avx2() -> None:
     """vLLM's CPU build has no switch like ATen's `ATEN_CPU_CAPABILITY`: it asks torch's CPU probes which kernels to
     load (`_C_AVX2` or `_C_AVX512`) and which attention and GEMM paths to take, at the moment it needs them. With

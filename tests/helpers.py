@@ -69,15 +69,13 @@ def run_cli(args: list[str], timeout: int = 600, launcher: list[str] | None = No
 
 
 def library_rss_gib() -> float:
-    """Peak RSS of a fresh python with what the trainer imports (torch, transformers, deepspeed, grpo.train), in GiB:
-    the one term of `grpo plan`'s CPU prediction that is not derived from shapes (`CPU_RESERVE_GIB`, measured once).
-    It varies with the machine (the libraries oneDNN and OpenMP load, their per-thread buffers), so a memory test
-    reads it in the same run and puts it in place of the constant."""
-    code = ("import resource, torch, transformers, deepspeed, grpo.train; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    """`grpo.doctor.libraries_rss_gib` in a fresh python, in GiB: the libraries' RSS, the one term of `grpo plan`'s
+    CPU prediction not derived from shapes. This test process holds more than a trainer's start-up, hence the fresh
+    interpreter; the measurement itself is doctor's."""
+    code = "from grpo.doctor import libraries_rss_gib; print(libraries_rss_gib())"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def metrics(run: Path) -> list[dict]:
