@@ -39,8 +39,9 @@ def _nobody_procs() -> list[int]:
 @pytest.fixture(autouse=True)
 def no_leftovers():
     """No sandboxed process (uid nobody) outlives the test. Under xdist another worker's sandboxes come and go
-    meanwhile, and uid is all they share with ours: a new one may stay until LEFTOVER_GRACE, longer than any
-    sandbox of the suite may live (wall limits of at most 20 s), while the leaks guarded against sleep for 1000 s."""
+    meanwhile, and uid is all they share with ours: one alive at the test's end may stay until LEFTOVER_GRACE,
+    longer than any sandbox of the suite may live (wall limits of at most 20 s), while the leaks guarded against
+    sleep for 1000 s."""
     before = set(_nobody_procs())
     yield
     time.sleep(0.2)
