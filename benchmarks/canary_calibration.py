@@ -1,5 +1,5 @@
 """Calibrates the weight-sync canary: how far vLLM's probe logprobs sit from the trainer's when the sync is healthy,
-and when it is broken, per dtype. The defaults in `grpo.vllm_engine.CANARY_TOLERANCE` come from its figures.
+and when it is broken, per dtype. The defaults in `grpo.rollout.vllm_engine.CANARY_TOLERANCE` come from its figures.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/canary_calibration.py --dtype bfloat16
 
@@ -23,8 +23,7 @@ PROMPTS = ["What is 17 * 23? Answer with a number.", "Solve: 3 + 5 * 2 - 7 =", "
 
 def measure(model_dir: str, dtype: str) -> dict[str, tuple[float, float]]:
     from grpo.config import load_config
-    from grpo.model import load_model, load_tokenizer
-    from grpo.vllm_engine import (
+    from grpo.rollout.vllm_engine import (
         build_llm,
         canary_diff,
         finish_sync,
@@ -34,6 +33,7 @@ def measure(model_dir: str, dtype: str) -> dict[str, tuple[float, float]]:
         probe_logprobs_vllm,
         trainer_probe_logprobs,
     )
+    from grpo.runtime.model import load_model, load_tokenizer
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "recipes", "smollm2-135m-arith.yaml"),
                       [f"model.dtype={dtype}", "rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.25"])
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="an HF folder (default: the embedded SmolLM2-135M-Instruct)")
     args = ap.parse_args()
     if args.model is None:
-        from grpo.model import embedded_model_dir
+        from grpo.runtime.model import embedded_model_dir
 
         args.model = str(embedded_model_dir())
     print(json.dumps({"dtype": args.dtype, **measure(args.model, args.dtype)}))

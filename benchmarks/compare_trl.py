@@ -65,7 +65,7 @@ def trl_child(steps: int, device: str, dtype: str, max_new: int, model: str) -> 
 
     from grpo.config import load_config
     from grpo.data import load_rows
-    from grpo.model import embedded_model_dir, load_tokenizer
+    from grpo.runtime.model import embedded_model_dir, load_tokenizer
     from rewards.math import accuracy
 
     cfg = load_config(RECIPE)

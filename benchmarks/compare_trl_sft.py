@@ -56,8 +56,8 @@ def write_data(path: Path, rows: int) -> None:
 def step_tokens(data: Path, model: str) -> list[int]:
     """Prompt + completion tokens per row, as both trainers tokenize them (the chat template)."""
     from grpo.config import load_config
-    from grpo.model import load_tokenizer, resolve_model_path
-    from grpo.sft import load_examples
+    from grpo.loop.sft import load_examples
+    from grpo.runtime.model import load_tokenizer, resolve_model_path
 
     cfg = load_config(RECIPE, [f"sft.data={data}"])
     tok = load_tokenizer(model or resolve_model_path(cfg.model.path))
@@ -91,7 +91,7 @@ def trl_child(data: Path, steps: int, device: str, dtype: str, ckpt: bool, model
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from grpo.model import embedded_model_dir, load_tokenizer
+    from grpo.runtime.model import embedded_model_dir, load_tokenizer
 
     path = model or str(embedded_model_dir())
     tok = load_tokenizer(path)

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
-from grpo.model import embedded_model_dir, load_model
+from grpo.algo.logprobs import Sequence, build_micro_batch, completion_logprobs
+from grpo.runtime.model import embedded_model_dir, load_model
 
 
 def main() -> None:

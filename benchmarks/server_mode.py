@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def server(model: str, work: Path, extra: list[str]):
-    from grpo.serve import running
+    from grpo.commands.serve import running
 
     return running(RECIPE, [f"model.path={model}", *extra], work, timeout=600)
 
@@ -66,7 +66,7 @@ def main() -> None:
                     help="the URL of a running `grpo serve` of --model to use (default: start one for the run)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value for the trainer (and the server)")
     args = ap.parse_args()
-    from grpo.model import resolve_model_path
+    from grpo.runtime.model import resolve_model_path
 
     model = resolve_model_path(args.model)
     with tempfile.TemporaryDirectory() as tmp:

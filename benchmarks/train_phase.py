@@ -10,8 +10,8 @@ The batch: `--prompts` groups of `--group` completions, each `--prompt-len` prom
 tokens. `--lengths varied` (default) draws each completion's length uniformly from [completion/4, completion] with
 one per group at the maximum, as a rollout batch with truncations looks; `--lengths fixed` gives every completion
 the maximum (no padding anywhere, the case most favourable to TRL).
-Ours: `grpo.logprobs.completion_logprobs` (prefix layout: one flat stream per micro-batch, each prompt once, no
-padding; chunked checkpointed vocabulary projection) + `grpo.loss.policy_loss`. TRL's (what GRPOTrainer does for
+Ours: `grpo.algo.logprobs.completion_logprobs` (prefix layout: one flat stream per micro-batch, each prompt once, no
+padding; chunked checkpointed vocabulary projection) + `grpo.algo.loss.policy_loss`. TRL's (what GRPOTrainer does for
 one pass, beta = 0): completions padded to the longest of the rollout batch, the batch through the model with
 `logits_to_keep`, logits divided by the temperature, `trl.trainer.utils.selective_log_softmax`, the same clipped
 token-level loss under the completion mask. Same micro-batch size, same optimizer (AdamW), gradient checkpointing
@@ -88,8 +88,8 @@ def finish(model, opt) -> float:
 
 
 def step_ours(model, batch, adv, args, opt):
-    from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
-    from grpo.loss import LossInput, policy_loss, token_weights
+    from grpo.algo.logprobs import Sequence, build_micro_batch, completion_logprobs
+    from grpo.algo.loss import LossInput, policy_loss, token_weights
 
     total = sum(len(c) for _, c in batch)
     for i in range(0, len(batch), args.micro):

@@ -36,9 +36,10 @@ def main() -> None:
 
     from grpo.config import load_config
     from grpo.data import load_rows, render
-    from grpo.model import load_model, load_tokenizer, resolve_model_path
-    from grpo.rollout import HFEngine, SamplingParams, stop_ids
-    from grpo.vllm_engine import VLLMEngine, probe_ids
+    from grpo.rollout.base import SamplingParams, stop_ids
+    from grpo.rollout.hf import HFEngine
+    from grpo.rollout.vllm_engine import VLLMEngine, probe_ids
+    from grpo.runtime.model import load_model, load_tokenizer, resolve_model_path
 
     cfg = load_config("recipes/smollm2-135m-arith.yaml", [f"model.dtype={args.dtype}", f"device={args.device}",
                                                            f"rollout.max_new_tokens={args.max_new_tokens}"]

@@ -371,7 +371,7 @@ class Config(_Section):
         return self
 
     def layout(self) -> str:
-        """`optim.layout` resolved: `auto` is `prefix`, except under eager attention, which grpo.prefix_attention
+        """`optim.layout` resolved: `auto` is `prefix`, except under eager attention, which grpo.algo.prefix_attention
         cannot shape (it wraps only transformers' registered attention functions)."""
         if self.optim.layout != "auto":
             return self.optim.layout
@@ -379,7 +379,8 @@ class Config(_Section):
 
     def zero_stage_run(self) -> int:
         """The ZeRO stage DeepSpeed runs: bf16 at stage 0 runs as stage 1, DeepSpeed's BF16_Optimizer (fp32 gradient
-        sums and master weights, the latter and Adam's moments sharded over the ranks; grpo.engine.ds_config)."""
+        sums and master weights, the latter and Adam's moments sharded over the ranks;
+        grpo.runtime.deepspeed_setup.ds_config)."""
         z = self.deepspeed.zero_stage
         return 1 if self.model.dtype == "bfloat16" and z == 0 else z
 

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from grpo.view import group_summary, group_table, load_run, pass_at_k_table, prompt_history, summary
+from grpo.commands.view import group_summary, group_table, load_run, pass_at_k_table, prompt_history, summary
 
 RUN_DIR = os.environ.get("GRPO_RUN_DIR", "../runs/smollm2-135m-arith")
 pd.set_option("display.max_colwidth", 120)

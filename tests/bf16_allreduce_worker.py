@@ -13,8 +13,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from grpo.config import load_config  # noqa: E402
-from grpo.engine import build_policy_engine, init_distributed  # noqa: E402
-from grpo.model import load_model  # noqa: E402
+from grpo.runtime.deepspeed_setup import build_policy_engine, init_distributed  # noqa: E402
+from grpo.runtime.model import load_model  # noqa: E402
 
 
 def main(model_dir: str, recipe: str) -> None:

@@ -44,14 +44,14 @@ NOT_UNIT = ("slow", "vllm", "slurm", "root")
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from grpo.model import embedded_model_dir
+    from grpo.runtime.model import embedded_model_dir
 
     return embedded_model_dir()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_dir):
-    from grpo.model import load_tokenizer
+    from grpo.runtime.model import load_tokenizer
 
     return load_tokenizer(str(embedded_dir))
 
@@ -74,7 +74,7 @@ def vllm_server(tmp_path_factory, vllm_tiny_dir) -> Iterator[str]:
     own weights at its initial sync and sets the weight version, so nothing one test leaves behind reaches the next;
     a test that corrupts the served weights repairs them with a clean sync before it ends. The test that kills its
     server starts its own."""
-    from grpo.serve import running
+    from grpo.commands.serve import running
     from tests.helpers import RECIPE
 
     with running(RECIPE, [f"model.path={vllm_tiny_dir}"], tmp_path_factory.mktemp("server"), timeout=300) as url:

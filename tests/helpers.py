@@ -69,10 +69,10 @@ def run_cli(args: list[str], timeout: int = 600, launcher: list[str] | None = No
 
 
 def library_rss_gib() -> float:
-    """`grpo.doctor.libraries_rss_gib` in a fresh python, in GiB: the libraries' RSS, the one term of `grpo plan`'s
+    """`doctor.libraries_rss_gib` in a fresh python, in GiB: the libraries' RSS, the one term of `grpo plan`'s
     CPU prediction not derived from shapes. This test process holds more than a trainer's start-up, hence the fresh
     interpreter; the measurement itself is doctor's."""
-    code = "from grpo.doctor import libraries_rss_gib; print(libraries_rss_gib())"
+    code = "from grpo.commands.doctor import libraries_rss_gib; print(libraries_rss_gib())"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

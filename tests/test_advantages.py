@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from grpo.advantages import ADVANTAGES, drgrpo, grpo, rloo, zero_variance_groups
+from grpo.algo.advantages import ADVANTAGES, drgrpo, grpo, rloo, zero_variance_groups
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Collectives go through grpo/collectives.py, which puts tensors where the backend takes them (NCCL: the rank's
+"""Collectives go through grpo/runtime/collectives.py, which puts tensors where the backend takes them (NCCL: the rank's
 GPU; gloo: the CPU). Before it, five modules all-reduced CPU tensors, which NCCL refuses at the first evaluation of
 every GPU run ("No backend type associated with device type cpu")."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from grpo import collectives as coll
+from grpo.runtime import collectives as coll
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit
@@ -30,7 +30,7 @@ def test_no_module_calls_a_collective_directly():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if CALL.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
-    assert not offenders, "use grpo.collectives instead:\n" + "\n".join(offenders)
+    assert not offenders, "use grpo.runtime.collectives instead:\n" + "\n".join(offenders)
 
 
 def test_backend_device_follows_the_backend(monkeypatch):

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from grpo.config import TeacherConfig, load_config
-from grpo.rollout import SamplingParams
+from grpo.rollout.base import SamplingParams
 from tests.helpers import RECIPE, ROOT, tiny_overrides
 
 
@@ -64,7 +64,7 @@ def _endpoint(script):
 
 @pytest.mark.unit
 def test_endpoint_retries_what_is_worth_retrying(monkeypatch):
-    from grpo.distill import Tally, TeacherError, request_samples
+    from grpo.loop.distill import Tally, TeacherError, request_samples
 
     steps = [(429, {"error": "slow down"}, {"Retry-After": "3"}), (503, "busy", {}), "drop",
              (200, "not json", {}), (200, _chat(["only one"]), {}), (200, _chat(["a", "b"]), {})]
@@ -108,7 +108,7 @@ def test_a_bad_request_fails_its_prompt_only_and_retry_after_takes_a_date():
     import time
     import urllib.error
 
-    from grpo.distill import Tally, TeacherError, _body, _retry_after, request_samples
+    from grpo.loop.distill import Tally, TeacherError, _body, _retry_after, request_samples
 
     with _endpoint(lambda i, body: (400, {"error": "maximum context length is 2048 tokens"}, {})) as (url, seen):
         tally = Tally()
@@ -147,7 +147,7 @@ def test_a_bad_request_fails_its_prompt_only_and_retry_after_takes_a_date():
 
 @pytest.mark.unit
 def test_reasoning_goes_back_inside_think_tags():
-    from grpo.distill import _text
+    from grpo.loop.distill import _text
 
     assert _text({"content": "42", "reasoning_content": "6 x 7"}) == "<think>\n6 x 7\n</think>\n42"
     assert _text({"content": "42"}) == "42"
@@ -155,7 +155,7 @@ def test_reasoning_goes_back_inside_think_tags():
 
 @pytest.mark.unit
 def test_keep_all_best_shortest_by_hand():
-    from grpo.distill import build_dataset
+    from grpo.loop.distill import build_dataset
 
     def s(pid, i, passed, total, toks):
         return {"prompt_id": pid, "index": i, "passed": passed, "total": total, "num_tokens": toks,
@@ -227,8 +227,8 @@ def test_endpoint_teacher_crash_loses_nothing_then_resumes(tmp_path, tiny_model_
     assert set(ds.column_names) >= {"prompt", "completion", "prompt_id", "teacher", "sampling", "rewards", "total"}
     assert all(json.loads(r)["accuracy"] == 1.0 for r in ds["rewards"])
     assert len(ds) == 8 and (out / "distilled" / "data.parquet").is_file()
-    from grpo.model import load_tokenizer
-    from grpo.sft import load_examples
+    from grpo.loop.sft import load_examples
+    from grpo.runtime.model import load_tokenizer
 
     cfg = load_config(RECIPE, [f"sft.data={out / 'distilled'}"])
     ex = load_examples(cfg, load_tokenizer(str(tiny_model_dir)))
@@ -262,7 +262,7 @@ def test_local_teacher_in_process(tmp_path, request, engine):
 
 @pytest.mark.unit
 def test_a_new_shard_never_takes_an_existing_name(tmp_path):
-    from grpo.distill import next_shard, read_shards, write_shard
+    from grpo.loop.distill import next_shard, read_shards, write_shard
 
     assert next_shard(tmp_path / "none") == 0
     for i in (0, 2):  # a gap: the count (2) would name shard 2 again

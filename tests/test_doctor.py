@@ -25,7 +25,7 @@ def doctor(tmp_path: Path, *args: str, wrapper: str | None = None, timeout: int 
         cmd = [sys.executable, "-m", "grpo", *argv]
     else:  # a script that changes something in-process, then runs the CLI
         script = tmp_path / "wrapper.py"
-        script.write_text(wrapper + f"\nfrom grpo.cli import main\nraise SystemExit(main({argv!r}))\n")
+        script.write_text(wrapper + f"\nfrom grpo.commands.cli import main\nraise SystemExit(main({argv!r}))\n")
         cmd = [sys.executable, str(script)]
     # the run directory is the cwd: nothing of the caller's cwd shadows an import (a stray ./z3 did, once)
     (tmp_path / "cwd").mkdir(exist_ok=True)
@@ -56,7 +56,7 @@ def test_embedded_recipe_passes_with_the_hf_engine(tmp_path):
     measured, predicted = map(float, re.search(r"measured peak ([\d.]+) GiB.*predicted ([\d.]+) GiB",
                                                r["memory"][1]).groups())
     # the prediction's one term not derived from shapes, the libraries' RSS, is read on this machine by doctor itself
-    # (grpo.doctor.libraries_rss_gib); its verdict, and this bound, allow 1.3x (grpo.doctor.MEMORY_SLACK)
+    # (doctor.libraries_rss_gib); its verdict, and this bound, allow 1.3x (doctor.MEMORY_SLACK)
     assert "GiB RSS here" in r["plan"][1]
     assert 0 < measured < 1.3 * predicted
     assert not (tmp_path / "run" / "doctor").exists()  # removed without --keep
@@ -79,7 +79,7 @@ def test_embedded_recipe_passes_with_colocated_vllm(tmp_path):
 
 CORRUPT = """
 import torch
-import grpo.vllm_engine as ve
+import grpo.rollout.vllm_engine as ve
 real = ve.load_weights
 def corrupt(llm, bucket):  # one value of the first tensor of every bucket is changed on its way to vLLM
     real(llm, [(n, t.clone().view(-1).index_fill_(0, torch.tensor([0]), 7.0).view_as(t)) if i == 0 else (n, t)
@@ -111,8 +111,8 @@ def test_a_recipe_that_cannot_fit_fails_the_plan(tmp_path):
 
 @pytest.mark.root
 def test_sandbox_check_passes_in_bubblewrap_and_fails_without_it(monkeypatch):
+    from grpo.commands.doctor import FAIL, PASS, SKIP, sandbox_check
     from grpo.config import load_config
-    from grpo.doctor import FAIL, PASS, SKIP, sandbox_check
     from rewards.sandbox import UNSAFE_ENV
 
     assert sandbox_check(load_config(RECIPE, [])).status == SKIP  # no code reward

@@ -23,8 +23,8 @@ def test_embedded_default_short_run(tmp_path):
     # `grpo plan` predicted this run's peak memory (RSS on CPU) before it started: within 30%, once its one measured
     # constant (the libraries' RSS) is replaced by this machine's figure, read in the same run; the rest of the
     # prediction is derived from the model's shapes and the recipe, so the band does not depend on the CPU
+    from grpo.commands.plan import longest_prompt, plan
     from grpo.config import load_config
-    from grpo.plan import longest_prompt, plan
 
     cfg = load_config(ROOT / "recipes" / "smollm2-135m-arith.yaml", overrides)
     predicted = plan(cfg, 1, None, longest_prompt(cfg), "cpu", cpu_reserve_gib=library_rss_gib()).peak_gib

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from grpo.config import ConfigError, load_config, to_dict
-from grpo.export import check_hub_token, model_card, push_to_hub
-from grpo.model import hub_kwargs
+from grpo.runtime.export import check_hub_token, model_card, push_to_hub
+from grpo.runtime.model import hub_kwargs
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit

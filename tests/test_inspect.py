@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
-from grpo.view import RunError, group_summary, group_table, load_run, pass_at_k, pass_at_k_table
+from grpo.commands.view import RunError, group_summary, group_table, load_run, pass_at_k, pass_at_k_table
 from tests.helpers import ROOT, execute_notebook, run_cli, tiny_overrides
 
 

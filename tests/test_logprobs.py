@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs, head_logprobs, reference_logprobs
+from grpo.algo.logprobs import Sequence, build_micro_batch, completion_logprobs, head_logprobs, reference_logprobs
 
 pytestmark = [pytest.mark.unit, pytest.mark.numerics]
 
@@ -48,8 +48,7 @@ def test_values_match_reference(model, layout, chunk):
 @pytest.mark.parametrize("layout", ["prefix", "padded", "packed", "prefix-expanded-kv"])
 def test_gradients_match_reference(model, layout, monkeypatch):
     if layout == "prefix-expanded-kv":  # the CUDA way of grouped-query attention, here on CPU
-        from grpo import prefix_attention
-
+        from grpo.algo import prefix_attention
         monkeypatch.setattr(prefix_attention, "native_gqa", lambda device: False)
         layout = "prefix"
     seqs = groups(seed=2)
@@ -95,7 +94,7 @@ def test_prefix_layout_runs_each_prompt_once(model):
 def test_prefix_layout_by_hand():
     """Prompts of 2 and 1 tokens; completions of 2, 1 (prompt 0) and 3 (prompt 1) tokens. Flat stream:
     p0 p0 | p1 | c0 c0 | c1 | c2 c2 c2, at flat positions 0 1 | 2 | 3 4 | 5 | 6 7 8."""
-    from grpo.prefix_attention import build_layout
+    from grpo.algo.prefix_attention import build_layout
 
     lay, pos, pred = build_layout([2, 1], [0, 0, 1], [2, 1, 3])
     assert pos.tolist() == [[0, 1, 0, 2, 3, 2, 1, 2, 3]]
@@ -242,8 +241,7 @@ def test_prefix_attention_wraps_flash_in_place(monkeypatch):
 
     from transformers import AttentionInterface
 
-    from grpo import prefix_attention
-
+    from grpo.algo import prefix_attention
     calls = []
     original = lambda module, q, k, v, mask, **kw: calls.append("flash") or ("out", None)  # noqa: E731
     monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", original)

@@ -26,8 +26,8 @@ def _randomize_adapters(model, seed=1):
 
 @pytest.mark.unit
 def test_merged_weights_reproduce_the_adapted_forward(tiny_model_dir):
-    from grpo import lora
-    from grpo.model import load_model
+    from grpo.runtime import lora
+    from grpo.runtime.model import load_model
 
     cfg = load_config(RECIPE, ["model.lora.r=4"])
     model = lora.apply(load_model(str(tiny_model_dir), "float32"), cfg.model.lora)
@@ -52,8 +52,8 @@ def test_qlora_merged_weights_are_the_dequantized_base_plus_the_adapters(vllm_ti
     is nf4 as computed by hand (the nearest of 16 levels times each block's absmax). The model is the one with
     128-wide layers: bitsandbytes 0.50.2's CPU quantizer is off for tensors under 4096 values (3x nf4's error
     on a 32x32 weight), which no real model has."""
-    from grpo import lora
-    from grpo.model import load_model
+    from grpo.runtime import lora
+    from grpo.runtime.model import load_model
 
     cfg = load_config(RECIPE, ["model.lora.r=4", "model.lora.quantize=nf4"])
     model = lora.apply(load_model(str(vllm_tiny_dir), "float32", quantize="nf4"), cfg.model.lora)
@@ -99,7 +99,7 @@ def test_qlora_refusals_name_the_key(monkeypatch):
     import sys
 
     from grpo.config import ConfigError
-    from grpo.model import four_bit_config
+    from grpo.runtime.model import four_bit_config
 
     with pytest.raises(ConfigError, match=r"model.lora.quantize: a 4-bit base is frozen: it needs LoRA adapters"):
         load_config(RECIPE, ["model.lora.quantize=nf4"])
@@ -114,9 +114,9 @@ def test_qlora_refusals_name_the_key(monkeypatch):
 def test_plan_counts_the_adapters_peft_creates(embedded_dir):
     """SmolLM2-135M, r=16 on all linear layers: 30 layers x 16 x (2x1152 + 2x768 + 3x2112) = 4,884,480 by hand,
     and the same counted on the model after injection; the plan's optimizer states shrink accordingly."""
-    from grpo import lora
-    from grpo.model import load_model
-    from grpo.plan import lora_params, model_shape, plan
+    from grpo.commands.plan import lora_params, model_shape, plan
+    from grpo.runtime import lora
+    from grpo.runtime.model import load_model
 
     cfg = load_config(RECIPE, ["model.lora.r=16"])
     shape = model_shape(cfg.model.path)
@@ -142,7 +142,7 @@ def test_lora_with_zero3_is_refused_by_name():
 def test_lora_run_trains_resumes_and_exports(tmp_path, tiny_model_dir):
     from peft import PeftModel
 
-    from grpo.model import load_model
+    from grpo.runtime.model import load_model
 
     run = tmp_path / "run"
     args = tiny_overrides(tiny_model_dir, run, **{"model.lora.r": 8, "model.lora.alpha": 16, "steps": 3,
@@ -179,7 +179,7 @@ def test_qlora_with_colocated_vllm_passes_every_sync_check(tmp_path, vllm_tiny_d
     Plain LoRA is the same path without the dequantization."""
     from peft import PeftModel
 
-    from grpo.model import load_model
+    from grpo.runtime.model import load_model
 
     run = tmp_path / "run"
     args = tiny_overrides(vllm_tiny_dir, run, **{"model.lora.r": 8, "model.lora.quantize": "nf4",
@@ -213,8 +213,8 @@ def test_qlora_with_colocated_vllm_passes_every_sync_check(tmp_path, vllm_tiny_d
 @pytest.mark.unit
 def test_checkpoints_from_before_the_sft_keys_still_resume(tmp_path):
     """A checkpoint's saved config without the sft section (written before it existed) is not a changed sft.data."""
-    from grpo.checkpoint import check_compatible
     from grpo.config import ConfigError, to_dict
+    from grpo.runtime.checkpoint import check_compatible
 
     current = to_dict(load_config(RECIPE))
     saved = {k: v for k, v in current.items() if k != "sft"}
@@ -229,8 +229,8 @@ def test_checkpoints_from_before_the_sft_keys_still_resume(tmp_path):
 def test_a_resume_with_changed_lora_settings_is_refused_by_key(tmp_path):
     """A LoRA checkpoint loads non-strictly (it holds the adapters only), so a resume that changed the adapters'
     set-up or the base's quantization would go on silently with mismatched state: refused, naming the key."""
-    from grpo.checkpoint import check_compatible
     from grpo.config import ConfigError, to_dict
+    from grpo.runtime.checkpoint import check_compatible
 
     saved = to_dict(load_config(RECIPE, ["model.lora.r=8", "model.lora.quantize=nf4"]))
     check_compatible(saved, json.loads(json.dumps(saved)), tmp_path)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from grpo.loss import LossInput, clipped_surrogate, k3_kl, policy_loss, token_weights, truncated_is_weights
+from grpo.algo.loss import LossInput, clipped_surrogate, k3_kl, policy_loss, token_weights, truncated_is_weights
 
 pytestmark = [pytest.mark.unit, pytest.mark.numerics]
 
@@ -117,7 +117,7 @@ def test_sequence_level_and_masked_importance_weights_by_hand():
 
 
 def test_gspo_sequence_ratio_value_clipping_and_gradient():
-    from grpo.loss import sequence_log_ratio
+    from grpo.algo.loss import sequence_log_ratio
 
     seq = torch.tensor([0, 0, 1])
     old = torch.tensor([-1.0, -2.0, -0.5])

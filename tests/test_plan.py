@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from grpo.commands.plan import GIB, model_shape, plan
 from grpo.config import ConfigError, load_config
-from grpo.plan import GIB, model_shape, plan
 from tests.helpers import RECIPE, ROOT
 
 
@@ -25,7 +25,7 @@ def test_parameter_counts_match_published_figures(name, count):
 
 @pytest.mark.integration  # loads the embedded model
 def test_parameter_count_matches_the_real_embedded_model(embedded_dir):
-    from grpo.model import load_model
+    from grpo.runtime.model import load_model
 
     real = sum(p.numel() for p in load_model(str(embedded_dir), "float32").parameters())
     assert model_shape(str(embedded_dir)).params() == real
@@ -130,7 +130,7 @@ def test_sft_phase_by_hand():
     """`grpo plan --phase sft` on the embedded model (30 layers, H 576, I 1536, vocab 49152, 134.5M parameters):
     no generation, no reference; one micro-batch of min(8, 32 / 2 ranks) = 8 packed sequences of up to
     sft.max_length = 512 tokens; ZeRO-2 over 2 ranks shards gradients and optimizer states."""
-    from grpo.plan import GIB
+    from grpo.commands.plan import GIB
 
     cfg = load_config(RECIPE, ["sft.max_length=512", "sft.batch_size=32", "optim.micro_batch_size=8",
                                "deepspeed.zero_stage=2", "algo.beta=0.04"])
@@ -160,8 +160,8 @@ def test_does_not_fit_gives_advice_that_helps():
 def test_qlora_base_bytes_match_the_quantized_model_bitsandbytes_builds(embedded_dir):
     """The plan's 4-bit base against the bytes of the embedded model loaded in nf4 for real: every parameter's
     storage plus the quantization constants bitsandbytes keeps beside the packed weights."""
-    from grpo.model import load_model
-    from grpo.plan import base_bytes
+    from grpo.commands.plan import base_bytes
+    from grpo.runtime.model import load_model
 
     model = load_model(str(embedded_dir), "float32", quantize="nf4")
     real = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -180,7 +180,7 @@ def test_qlora_base_bytes_match_the_quantized_model_bitsandbytes_builds(embedded
 
 @pytest.mark.unit
 def test_bf16_at_stage_0_shards_optimizer_states_as_stage_1():
-    """grpo.engine runs bf16 at stage 0 as stage 1 (BF16_Optimizer), which splits the fp32 master weights and Adam's
+    """deepspeed_setup runs bf16 at stage 0 as stage 1 (BF16_Optimizer), which splits the fp32 master weights and Adam's
     moments over the ranks: 12 bytes per parameter / n. fp32 at stage 0 keeps whole states on every rank."""
     over = ["model.path=Qwen/Qwen2.5-1.5B-Instruct", "deepspeed.zero_stage=0"]
     bf16 = load_config(RECIPE, [*over, "model.dtype=bfloat16"])
@@ -189,7 +189,7 @@ def test_bf16_at_stage_0_shards_optimizer_states_as_stage_1():
     two = plan(bf16, 2, 8)  # does not fit: the advice is printed
     assert two.terms_gib["optimizer states"] == pytest.approx(per_param / 2, rel=1e-3)
     assert any("deepspeed.zero_stage=2" in a for a in two.advice)  # stage 1 would change nothing
-    assert not any("offload_optimizer" in a for a in two.advice)  # grpo.engine.ds_config offloads at stage >= 1
+    assert not any("offload_optimizer" in a for a in two.advice)  # deepspeed_setup.ds_config offloads at stage >= 1
     fp32 = load_config(RECIPE, [*over, "model.dtype=float32"])
     assert plan(fp32, 2, 80).terms_gib["optimizer states"] == pytest.approx(1_543_714_304 * 8 / GIB, rel=1e-3)
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from grpo.commands.plan import plan
 from grpo.config import load_config
-from grpo.engine import ds_config
-from grpo.plan import plan
+from grpo.runtime.deepspeed_setup import ds_config
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
@@ -23,8 +23,8 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys
                   LOCAL_RANK="0")
 import deepspeed
 from grpo.config import load_config
-from grpo.engine import ds_config, init_distributed
-from grpo.model import load_model
+from grpo.runtime.deepspeed_setup import ds_config, init_distributed
+from grpo.runtime.model import load_model
 init_distributed("cpu")
 cfg = load_config({recipe!r}, ["model.path=" + sys.argv[1], "model.dtype=bfloat16", "deepspeed.zero_stage=0"])
 model = load_model(sys.argv[1], "bfloat16")
@@ -62,8 +62,8 @@ sys.path.insert(0, {root!r})
 os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 import torch
-from grpo.engine import init_distributed
-from grpo.update import stage0_grad_norm
+from grpo.runtime.deepspeed_setup import init_distributed
+from grpo.runtime.deepspeed_setup import stage0_grad_norm
 init_distributed("cpu")
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 lin = torch.nn.Linear(3, 2).half()
@@ -106,8 +106,8 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from grpo.config import load_config
-from grpo.engine import build_policy_engine, init_distributed
-from grpo.model import load_model
+from grpo.runtime.deepspeed_setup import build_policy_engine, init_distributed
+from grpo.runtime.model import load_model
 init_distributed("cpu")
 flattened = []
 fallback = DeepSpeedEngine.buffered_allreduce_fallback
@@ -130,7 +130,7 @@ for dtype in ("float32", "bfloat16"):
 
 def test_one_rank_skips_deepspeeds_flattened_gradient_copy(tiny_model_dir, tmp_path):
     """With one rank DeepSpeed's fallback all-reduce (stage 0, and BF16_Optimizer's stage 1: every bf16 recipe)
-    only flattens a full copy of the gradients: grpo.engine.lean_stage0_allreduce skips it, and the step still
+    only flattens a full copy of the gradients: deepspeed_setup.lean_stage0_allreduce skips it, and the step still
     updates every parameter."""
     import socket
 

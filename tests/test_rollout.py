@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs
-from grpo.model import load_model
-from grpo.rollout import HFEngine, SamplingParams, generation_config
+from grpo.algo.logprobs import Sequence, build_micro_batch, completion_logprobs
+from grpo.rollout.base import SamplingParams
+from grpo.rollout.hf import HFEngine, generation_config
+from grpo.runtime.model import load_model
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """The LR schedule against transformers' own (`get_scheduler`): equal after warm-up, one step ahead during it.
 
-Ours is kept (grpo/engine.py `lr_lambda`) for one deliberate difference: transformers' warm-up starts at LR 0, so
+Ours is kept (deepspeed_setup.py `lr_lambda`) for one deliberate difference: transformers' warm-up starts at LR 0, so
 the first optimizer step of a run with warm-up changes nothing; ours starts at 1/warmup. A 30-step run with two
 warm-up steps (the default recipe) would otherwise spend one of its 30 updates at LR 0.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from grpo.engine import lr_lambda
+from grpo.runtime.deepspeed_setup import lr_lambda
 
 pytestmark = pytest.mark.unit
 

@@ -33,7 +33,7 @@ def test_formats_tokenize_like_training_prompts(tokenizer):
     messages); the completion is the assistant's text and the end-of-turn token, nothing after it. Text
     prompts get EOS after the completion; `messages` takes its last (assistant) turn as the completion."""
     from grpo.data import render
-    from grpo.sft import tokenize_row
+    from grpo.loop.sft import tokenize_row
 
     cfg = load_config(RECIPE, [])
     row = _rows(1)[0]
@@ -54,7 +54,7 @@ def test_formats_tokenize_like_training_prompts(tokenizer):
 
 @pytest.mark.unit
 def test_bad_rows_fail_at_start_up_by_number(tmp_path, tokenizer):
-    from grpo.sft import load_examples
+    from grpo.loop.sft import load_examples
 
     rows = _rows(6)
     rows[2]["completion"] = ""  # a text completion after a conversational prompt renders to the end-of-turn only
@@ -87,9 +87,9 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=por
                   LOCAL_RANK="0")
 import torch
 from grpo.config import load_config
-from grpo.engine import build_policy_engine, init_distributed
-from grpo.model import load_model, load_tokenizer
-from grpo.sft import SFTShape, load_examples, sft_step
+from grpo.runtime.deepspeed_setup import build_policy_engine, init_distributed
+from grpo.runtime.model import load_model, load_tokenizer
+from grpo.loop.sft import SFTShape, load_examples, sft_step
 model_dir, data = sys.argv[1], sys.argv[2]
 tok = load_tokenizer(model_dir)
 cfg = load_config({recipe!r}, ["sft.data=" + data, "model.path=" + model_dir, "optim.micro_batch_size=4"])
@@ -156,7 +156,7 @@ def test_sft_run_learns_exports_and_resumes(tmp_path, tiny_model_dir):
     assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
     assert m[-1]["loss"] < m[0]["loss"] - 1.0, [r["loss"] for r in m]  # nats per token
     assert all(r["tokens_per_second"] > 0 and r["completion_tokens"] > 0 for r in m)
-    from grpo.model import load_model
+    from grpo.runtime.model import load_model
 
     assert load_model(str(run / "final"), "float32") is not None
     p = _sft(base + ["sft.epochs=3"])

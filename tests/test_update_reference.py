@@ -1,4 +1,4 @@
-"""The update's gradient checked for size: `grpo.update.update` on hand-built groups (lengths 1 to 9, a NaN total,
+"""The update's gradient checked for size: `grpo.loop.update.update` on hand-built groups (lengths 1 to 9, a NaN total,
 micro-batches with different token counts, several vocabulary chunks) against an independent float64 reference,
 for token, sequence and constant aggregation, plain, with KL, with importance weights that cut; then the same
 groups split unevenly over two ranks at ZeRO-0, 2 and 3. Adam is nearly scale-invariant, so a wrong `* world`, a

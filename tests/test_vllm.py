@@ -38,15 +38,15 @@ def _cfg(model_dir: Path, **over):
 
 @pytest.fixture(scope="module")
 def hf_model(vllm_tiny_dir):
-    from grpo.model import load_model
+    from grpo.runtime.model import load_model
 
     return load_model(str(vllm_tiny_dir), "float32")
 
 
 @pytest.fixture(scope="module")
 def engine(vllm_tiny_dir, tokenizer, hf_model):
-    from grpo.rollout import stop_ids
-    from grpo.vllm_engine import VLLMEngine, probe_ids
+    from grpo.rollout.base import stop_ids
+    from grpo.rollout.vllm_engine import VLLMEngine, probe_ids
 
     cfg = _cfg(vllm_tiny_dir, **{"rollout.vllm.sync_bucket_mb": 1})
     prompt = tokenizer.encode("What is 2 + 3?")
@@ -70,7 +70,7 @@ def _hf_logprobs(model, prompt: list[int], ids: list[int], temperature: float, t
 @pytest.mark.numerics
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.8, 0.9)])
 def test_vllm_and_hf_agree_on_logprobs(engine, hf_model, tokenizer, temperature, top_p):
-    from grpo.rollout import SamplingParams
+    from grpo.rollout.base import SamplingParams
 
     prompts = [tokenizer.encode("What is 2 + 3?"), tokenizer.encode("Name a colour.")]
     out = engine.generate(prompts, 4, SamplingParams(12, temperature, top_p))
@@ -89,9 +89,9 @@ def test_vllm_and_hf_agree_on_logprobs(engine, hf_model, tokenizer, temperature,
 
 @pytest.mark.numerics
 def test_sync_reflects_new_weights_and_catches_corruption(engine, hf_model, tokenizer, caplog, monkeypatch):
-    from grpo import vllm_engine
-    from grpo.rollout import SamplingParams
-    from grpo.vllm_engine import SyncError
+    from grpo.rollout import vllm_engine
+    from grpo.rollout.base import SamplingParams
+    from grpo.rollout.vllm_engine import SyncError
 
     # the buckets the engine loads pass through `corrupt` (after the trainer checksummed them)
     real_load, corrupt = vllm_engine.load_weights, [None]
@@ -170,7 +170,7 @@ def _free_port() -> int:
 def _server(model_dir: Path, tmp_path: Path):
     """A `grpo serve` process on localhost for the duration of the block; yields its URL. (The tests that do not
     kill their server share the session's, the `vllm_server` fixture.)"""
-    from grpo.serve import running
+    from grpo.commands.serve import running
 
     return running(RECIPE, [f"model.path={model_dir}"], tmp_path, timeout=300)
 
@@ -184,7 +184,7 @@ def _server_run(model_dir: Path, run: Path, url: str, launcher: list[str] | None
 
 def test_server_mode_end_to_end(tmp_path, vllm_tiny_dir, vllm_server):
     """A server process and a trainer process on localhost: two steps, weights synced and checked each time."""
-    from grpo.server_client import request
+    from grpo.rollout.server import request
 
     url = vllm_server
     run = tmp_path / "run"
@@ -210,11 +210,11 @@ def test_server_sync_checks_catch_corruption_and_a_dead_server(tmp_path, vllm_ti
     computation, a sync reaches the server (checksum and canary), a bucket corrupted on the way is caught by the
     checksum, zeroed embeddings by the canary, a clean sync repairs the server, and a killed server is an error
     naming its URL within the deadline."""
-    from grpo import server_client as serve
     from grpo.config import load_config
-    from grpo.model import load_model, load_tokenizer
-    from grpo.rollout import SamplingParams, stop_ids
-    from grpo.vllm_engine import SyncError, probe_ids
+    from grpo.rollout import server as serve
+    from grpo.rollout.base import SamplingParams, stop_ids
+    from grpo.rollout.vllm_engine import SyncError, probe_ids
+    from grpo.runtime.model import load_model, load_tokenizer
 
     tok = load_tokenizer(str(vllm_tiny_dir))
     model = load_model(str(vllm_tiny_dir), "float32")
@@ -238,7 +238,7 @@ def test_server_sync_checks_catch_corruption_and_a_dead_server(tmp_path, vllm_ti
                 assert torch.allclose(torch.tensor(c.logprobs), _hf_logprobs(model, p_ids, c.ids, 0.9, 1.0),
                                       atol=1e-4)
 
-        from grpo.transfer import BroadcastTrainerEngine
+        from grpo.rollout.transfer.base import BroadcastTrainerEngine
 
         real_send = BroadcastTrainerEngine._send  # after the source summed the bucket: a corruption on the way
 
@@ -384,7 +384,7 @@ def test_canary_default_passes_healthy_and_fails_broken_syncs(embedded_dir, dtyp
     visible in float32 only; in bfloat16 it measures 0.055, inside the healthy noise on every CPU seen, and the
     checksum is what catches it (test_sync_reflects_new_weights_and_catches_corruption)."""
     from benchmarks.canary_calibration import measure
-    from grpo.vllm_engine import CANARY_TOLERANCE
+    from grpo.rollout.vllm_engine import CANARY_TOLERANCE
 
     m = measure(str(embedded_dir), dtype)
     tol = CANARY_TOLERANCE[dtype]

@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 
-from grpo import serve, server_client
+from grpo.commands import serve
 from grpo.config import load_config
+from grpo.rollout import server as server_client
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +24,7 @@ def test_vllm_serve_command_carries_the_recipe():
     cfg = load_config(None, ["rewards=[{name: accuracy}]", "model.dtype=bfloat16", "seed=7",
                              "rollout.vllm.kv_cache_gib=0.5", "rollout.max_new_tokens=32"])
     cmd, env = serve.vllm_serve_command(cfg, "/m", "cpu", "127.0.0.1", 8123, 4096)
-    assert cmd[1:5] == ["-m", "grpo.vllm_cli", "serve", "/m"]
+    assert cmd[1:5] == ["-m", "grpo.commands.vllm_cli", "serve", "/m"]
     flag = lambda f: cmd[cmd.index(f) + 1]  # noqa: E731
     assert flag("--port") == "8123" and flag("--dtype") == "bfloat16" and flag("--seed") == "7"
     assert flag("--max-model-len") == str(512 + 32)  # data.max_prompt_tokens + rollout.max_new_tokens
@@ -55,7 +56,7 @@ def test_colocated_engine_empties_the_cuda_cache_before_waking(monkeypatch):
     order of calls is checked with the engine object's own method and recorders for CUDA and vLLM)."""
     import torch
 
-    from grpo.vllm_engine import VLLMEngine
+    from grpo.rollout.vllm_engine import VLLMEngine
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -73,8 +74,8 @@ def test_colocated_engine_discards_weights_in_release_and_refuses_to_generate_be
     engine's weights are garbage then (vLLM's own sleep is a no-op on CPU, so the calls are recorded here)."""
     import torch
 
-    from grpo import vllm_engine
-    from grpo.vllm_engine import VLLMEngine
+    from grpo.rollout import vllm_engine
+    from grpo.rollout.vllm_engine import VLLMEngine
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -107,7 +108,7 @@ def test_colocated_engine_discards_weights_in_release_and_refuses_to_generate_be
 
 def test_server_that_stops_answering_mid_request(tmp_path):
     """A server that accepts the connection and never replies: the client's deadline turns it into an error."""
-    from grpo.server_client import ServerError, request
+    from grpo.rollout.http import ServerError, request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,7 +121,7 @@ def test_server_that_stops_answering_mid_request(tmp_path):
 
 
 def test_checksums_compare_what_they_should():
-    from grpo.weights import checksum, checksums_match
+    from grpo.runtime.weights import checksum, checksums_match
 
     a = [torch.tensor([1.0, -2.0]), torch.tensor([[3.0]])]
     assert checksum(a) == (2.0, 14.0)  # 1 - 2 + 3; 1 + 4 + 9
@@ -135,7 +136,7 @@ def test_checksums_compare_what_they_should():
 
 
 class _Recorder:
-    """Stands in for `grpo.server_client.request` in grpo.transfer: records (url, route, body), answers None."""
+    """Stands in for `grpo.rollout.http.request` in transfer.base: records (url, route, body), answers None."""
 
     def __init__(self):
         self.calls: list[tuple[str, str, dict]] = []
@@ -150,8 +151,7 @@ def _tiny_model():
 
 
 def test_servers_client_gives_each_server_its_own_ranks(monkeypatch):
-    from grpo import transfer
-
+    from grpo.rollout.transfer import base as transfer
     rec = _Recorder()
     monkeypatch.setattr(transfer, "request", rec)
     client = transfer.ServersClient(["http://a:1", "http://b:2", "http://c:3"], 5.0)
@@ -170,8 +170,7 @@ def test_nccl_trainer_engine_from_vllms_factory_on_a_faked_gpu(monkeypatch):
     params) while opening its own endpoint; a non-sender rank opens nothing and sends no request."""
     from vllm.distributed.weight_transfer import nccl_engine
 
-    from grpo import transfer
-
+    from grpo.rollout.transfer import base as transfer
     rec = _Recorder()
     monkeypatch.setattr(transfer, "request", rec)
     opened = []
@@ -198,8 +197,10 @@ def test_nccl_trainer_engine_from_vllms_factory_on_a_faked_gpu(monkeypatch):
 def test_model_source_agrees_with_its_metadata_and_sums_what_it_yields():
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine as Nccl
 
-    from grpo import transfer
-    from grpo.weights import checksum
+    from grpo.rollout.transfer import base as transfer
+    from grpo.rollout.transfer import broadcast
+    from grpo.runtime.weights import buckets as weights_buckets
+    from grpo.runtime.weights import checksum
 
     model = _tiny_model()
     source = transfer.ModelSource(False, 64, sums=True)  # 64 bytes: several buckets
@@ -217,14 +218,13 @@ def test_model_source_agrees_with_its_metadata_and_sums_what_it_yields():
     source.sent = None
     source.finish_pass()  # rank 0 failed before sending (a dead server at /pause): a whole pass, gathers included
     assert source.sent == checksum(model.parameters())
-    buckets = list(transfer._buckets(iter(pairs), 64))
+    buckets = list(weights_buckets(iter(pairs), 64))
     assert [[n for n, _ in b] for b in buckets] == [["0.weight"], ["1.weight", "1.bias"]]  # 160 B, then 48 + 12
-    assert transfer.dtype_groups(buckets[1]) == [("float32", [("1.weight", [3, 4]), ("1.bias", [3])])]
+    assert broadcast.dtype_groups(buckets[1]) == [("float32", [("1.weight", [3, 4]), ("1.bias", [3])])]
 
 
 def test_weight_transfer_backend_is_resolved_per_machine(monkeypatch):
-    from grpo import transfer
-
+    from grpo.rollout.transfer import base as transfer
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert transfer.resolve_backend("auto", "auto") == "nccl"
     assert transfer.resolve_backend("auto", "cpu") == "grpo_broadcast"

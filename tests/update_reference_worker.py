@@ -1,4 +1,4 @@
-"""Worker for tests/test_update_reference.py (run by torchrun, 1 or 2 ranks, any ZeRO stage): `grpo.update.update`
+"""Worker for tests/test_update_reference.py (run by torchrun, 1 or 2 ranks, any ZeRO stage): `grpo.loop.update.update`
 on hand-built groups against an independent float64 reference of the objective's gradient.
 
 Four prompts x three completions of 1 to 9 tokens (one completion with a NaN total, one group with zero advantage),
@@ -23,15 +23,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from grpo.algo.logprobs import Sequence, reference_logprobs  # noqa: E402
 from grpo.config import load_config  # noqa: E402
-from grpo.engine import build_policy_engine, build_reference, init_distributed  # noqa: E402
-from grpo.logprobs import Sequence, reference_logprobs  # noqa: E402
-from grpo.model import load_model, load_tokenizer  # noqa: E402
-from grpo.rollout import Completion  # noqa: E402
-from grpo.scoring import Group  # noqa: E402
-from grpo.tracking import Timer  # noqa: E402
-from grpo.update import Learner, update  # noqa: E402
-from grpo.weights import weight_buckets  # noqa: E402
+from grpo.loop.update import Learner, update  # noqa: E402
+from grpo.rollout.base import Completion  # noqa: E402
+from grpo.rollout.scoring import Group  # noqa: E402
+from grpo.runtime.deepspeed_setup import build_policy_engine, build_reference, init_distributed  # noqa: E402
+from grpo.runtime.model import load_model, load_tokenizer  # noqa: E402
+from grpo.runtime.tracking import Timer  # noqa: E402
+from grpo.runtime.weights import weight_buckets  # noqa: E402
 
 TEMP, CAP, BETA, MAX_NEW = 0.8, 1.2, 0.1, 9
 MICRO = int(os.environ.get("GRPO_TEST_MICRO", "3"))
@@ -58,7 +58,7 @@ def groups_and_truth(model_dir: str, tok) -> tuple[list[Group], list[dict]]:
             total = math.nan if (gi, ci) == NAN_AT else 1.0
             totals.append(total)
             truth.append({"prompt": prompt, "ids": ids, "adv": advs[ci], "valid": not math.isnan(total),
-                          "engine_lp": lp + off})
+                          "rollout_lp": lp + off})
         groups.append(Group({}, comps, {}, totals, list(advs)))
     return groups, truth
 
@@ -92,7 +92,7 @@ def reference_norm(model_dir: str, truth: list[dict], agg: str, beta: float, tis
         n = len(s["ids"])
         w = {"token": 1.0 / n_tok, "sequence": 1.0 / (n * n_seq), "constant": 1.0 / (MAX_NEW * n_seq)}[agg]
         # pi_trainer / pi_engine at the weights of this step, truncated (no gradient through it)
-        isw = torch.clamp(torch.exp(logp.detach() - s["engine_lp"]), max=CAP) if tis else torch.ones(n)
+        isw = torch.clamp(torch.exp(logp.detach() - s["rollout_lp"]), max=CAP) if tis else torch.ones(n)
         d = ref_lp - logp
         obj = (-s["adv"] * isw * logp + beta * (torch.exp(d) - d - 1.0)).sum() * w
         obj.backward()

@@ -12,9 +12,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from grpo.config import load_config  # noqa: E402
-from grpo.engine import ds_config, init_distributed  # noqa: E402
-from grpo.model import load_model, load_tokenizer  # noqa: E402
-from grpo.rollout import HFEngine, SamplingParams  # noqa: E402
+from grpo.rollout.base import SamplingParams  # noqa: E402
+from grpo.rollout.hf import HFEngine  # noqa: E402
+from grpo.runtime.deepspeed_setup import ds_config, init_distributed  # noqa: E402
+from grpo.runtime.model import load_model, load_tokenizer  # noqa: E402
 
 
 def main(model_dir: str, recipe: str) -> None:

@@ -14,10 +14,10 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from grpo.algo.logprobs import Sequence, build_micro_batch, completion_logprobs, reference_logprobs  # noqa: E402
 from grpo.config import load_config  # noqa: E402
-from grpo.engine import ds_config, init_distributed  # noqa: E402
-from grpo.logprobs import Sequence, build_micro_batch, completion_logprobs, reference_logprobs  # noqa: E402
-from grpo.model import load_model  # noqa: E402
+from grpo.runtime.deepspeed_setup import ds_config, init_distributed  # noqa: E402
+from grpo.runtime.model import load_model  # noqa: E402
 
 CHUNK = 4
 

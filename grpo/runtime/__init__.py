@@ -1,0 +1,2 @@
+"""The training runtime: DeepSpeed set-up, collectives, checkpoints, export, LoRA, model loading, weights and
+tracking."""
