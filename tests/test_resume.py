@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,3 +264,46 @@ def test_signal_to_one_rank_only(tmp_path, tiny_model_dir, reference2):
     p = run_cli(args, launcher=_launcher(), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     _same2(run, reference2)
+
+
+# The last commit of the flat grpo/ layout, before the packages of issue 26: checkpoints users hold were written by it.
+FLAT_LAYOUT = "1bb0f35"
+
+
+def _old_tree(dest: Path) -> Path | None:
+    """The flat layout's code, from this checkout's history (None where there is no history: a shallow clone)."""
+    git = ["git", "-C", str(ROOT)]
+    if subprocess.run([*git, "cat-file", "-e", f"{FLAT_LAYOUT}^{{commit}}"], capture_output=True).returncode:
+        return None
+    dest.mkdir()
+    archive = subprocess.run([*git, "archive", FLAT_LAYOUT, "grpo", "rewards", "tests", "recipes"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def test_checkpoint_written_before_the_package_layout_resumes_exactly(tmp_path, tiny_model_dir):
+    """A checkpoint written by the code of the flat layout (the commit before the packages) resumes under today's
+    code, and the resumed steps are exactly the ones the old code ran after it (same machine, same seeds)."""
+    old = _old_tree(tmp_path / "old")
+    if old is None:
+        pytest.skip(f"commit {FLAT_LAYOUT} is not in this checkout's history (a shallow clone)")
+    run = tmp_path / "run"
+    args = _args(tiny_model_dir, run, **{"steps": 4, "checkpoint.keep": 4})
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(old)}
+    p = subprocess.run([sys.executable, "-m", "grpo", "train", str(old / "recipes" / RECIPE.name), *args], cwd=old,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (old / "grpo" / "train.py").is_file() and not (old / "grpo" / "loop").exists()  # the flat layout ran
+    before = {r["step"]: r for r in metrics(run)}
+    assert sorted(before) == [1, 2, 3, 4]
+    for late in ("step-000003", "step-000004"):  # as if the old run had stopped after step 2
+        shutil.rmtree(run / "checkpoints" / late)
+    p = run_cli(args)  # today's code: resumes from the old step-2 checkpoint
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed from" in p.stderr and "step-000002" in p.stderr
+    after = metrics(run)
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    for r in after[2:]:
+        for k in KEYS:
+            assert r[k] == pytest.approx(before[r["step"]][k], rel=1e-5, abs=1e-7), (r["step"], k)

@@ -51,6 +51,22 @@ def test_completions_are_read_prompt_major():
     assert body["repetition_penalty"] == 1.0 and body["presence_penalty"] == body["min_p"] == 0.0
 
 
+
+def test_colocated_and_server_engines_are_asked_for_the_same_sampling():
+    """One rule for vLLM's sampling: the in-process SamplingParams and the server's request carry the same values
+    (temperature 0.7 and top-p 0.9 in, nothing else changed from the trainer's distribution)."""
+    from grpo.rollout.vllm_engine import vllm_sampling_params
+
+    params = server_client.SamplingParams(8, temperature=0.7, top_p=0.9)
+    sp = vllm_sampling_params(params, 3, [2])
+    body = server_client.completion_body([[1, 5]], 3, params, [2])
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p) == (body["temperature"], body["top_p"], body["top_k"],
+                                                                body["min_p"]) == (0.7, 0.9, -1, 0.0)
+    assert (sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert (body["repetition_penalty"], body["presence_penalty"], body["frequency_penalty"]) == (1.0, 0.0, 0.0)
+    assert sp.n == body["n"] == 3 and sp.max_tokens == body["max_tokens"] == 8 and sp.logprobs == body["logprobs"] == 0
+    assert list(sp.stop_token_ids) == body["stop_token_ids"] == [2] and sp.skip_special_tokens is True
+
 def test_colocated_engine_empties_the_cuda_cache_before_waking(monkeypatch):
     """vLLM wakes into memory PyTorch's caching allocator still holds unless it is handed back first (CUDA only; the
     order of calls is checked with the engine object's own method and recorders for CUDA and vLLM)."""

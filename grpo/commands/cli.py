@@ -141,7 +141,7 @@ def exit_code(e: BaseException) -> tuple[int, str] | None:
     failing teacher."""
     if isinstance(e, ConfigError):
         return 2, "error: "
-    from grpo.loop.train import PREEMPTED_EXIT, Preempted
+    from grpo.loop.run import PREEMPTED_EXIT, Preempted
     from grpo.runtime.checkpoint import CheckpointError  # only train and eval raise these: imported once one is raised
 
     if isinstance(e, Preempted):

@@ -213,8 +213,9 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
         return
 
     from grpo.data import PromptSampler
+    from grpo.loop.run import checkpoint_meta
     from grpo.loop.state import setup
-    from grpo.loop.train import checkpoint_meta, run_step
+    from grpo.loop.train import run_step, train_source
     from grpo.runtime.tracking import peak_memory_gib
 
     t0 = time.perf_counter()
@@ -258,15 +259,16 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
 
         run_dir = Path(cfg.output_dir)
         sampler = PromptSampler(len(run.prompts.rows), cfg.seed)
+        source = train_source(cfg, run, sampler, asynchronous=False)
         recs, sums, save_s, saved = [], [], 0.0, None
         try:
             for step in (1, 2):
-                recs.append(run_step(cfg, run, sampler, step, run_dir))
+                recs.append(run_step(cfg, run, source, step, run_dir))
                 sums.append(model_checksum(engine.module, zero3))
                 if step == 1:
                     t0 = time.perf_counter()
                     saved = ckpt.save(engine, run_dir / "checkpoints", 1,
-                                      checkpoint_meta(cfg, run, sampler, 1, None), rank, 2)
+                                      checkpoint_meta(cfg, 1, source.sampler_state(), run.world, None), rank, 2)
                     save_s = time.perf_counter() - t0
         except SyncError as e:
             report.add("training steps", FAIL, str(e), "the rollout engine lost the trainer's weights after an "

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 
 from grpo.algo.logprobs import Sequence, build_micro_batch, completion_logprobs
-from grpo.config import Config, ConfigError, to_dict
+from grpo.config import Config, ConfigError
 from grpo.data import PromptSampler, as_messages
-from grpo.runtime import checkpoint as ckpt
 from grpo.runtime import collectives as coll
 
 log = logging.getLogger("grpo")
@@ -166,18 +165,16 @@ def sft_step(engine, seqs: list[Sequence], shape: SFTShape, world: int, pad_id: 
             "grad_norm": norm if norm is not None else recorded_grad_norm(engine), "lr": engine.get_lr()[0]}
 
 
-def sft(cfg: Config) -> Path:
-    """Set up, resume if a checkpoint is there, train for `sft.epochs`, export `final/`."""
+def sft_setup(cfg: Config):
+    """Device, tokenizer, examples, the batch shape and the DeepSpeed engine; `cfg` with the schedule's horizon
+    (one update per step: algo.num_iterations is GRPO's)."""
     import random
 
     import numpy as np
     from transformers import AutoConfig
 
-    from grpo.loop.train import StopFlag, last_metrics, open_run, stop_for_requeue
     from grpo.runtime.deepspeed_setup import build_policy_engine, check_device_options, init_distributed, pick_device
-    from grpo.runtime.export import save_final
     from grpo.runtime.model import hub_kwargs, load_model, load_tokenizer, resolve_model_path
-    from grpo.runtime.tracking import peak_memory_gib
 
     device = pick_device(cfg.device)
     check_device_options(cfg, device)
@@ -190,7 +187,6 @@ def sft(cfg: Config) -> Path:
     examples = load_examples(cfg, tok, context)
     rank, world = init_distributed(device)
     shape = sft_shape(cfg, len(examples), world)
-    # the LR schedule's horizon: one update per step (algo.num_iterations is GRPO's)
     cfg = cfg.model_copy(update={"steps": shape.steps, "algo": cfg.algo.model_copy(update={"num_iterations": 1})})
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -202,36 +198,33 @@ def sft(cfg: Config) -> Path:
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = build_policy_engine(model, cfg, shape.micro, shape.grad_accum)
-    run_dir = Path(cfg.output_dir)
+    return cfg, device, tok, examples, rank, world, shape, engine
+
+
+def sft(cfg: Config) -> Path:
+    """Set up, resume if a checkpoint is there, train for `sft.epochs`, export `final/` (grpo/loop/run.py)."""
+    from grpo.loop.run import Job, run_loop
+    from grpo.runtime.tracking import peak_memory_gib
+
+    cfg, device, tok, examples, rank, world, shape, engine = sft_setup(cfg)
     sampler = PromptSampler(len(examples), cfg.seed)
-    start, metrics = open_run(cfg, engine, rank, world, sampler)
-    if metrics is not None:
-        log.info("sft: %d examples, %d steps of %d sequences (%d micro-batches of %d per rank)", len(examples),
-                 shape.steps, cfg.sft.batch_size, shape.grad_accum, shape.micro)
-    stop = StopFlag()
-    try:
-        for step in range(start + 1, shape.steps + 1):
-            t0 = time.perf_counter()
-            idx = sampler.take(cfg.sft.batch_size)[rank * shape.per_rank : (rank + 1) * shape.per_rank]
-            rec = sft_step(engine, [examples[i] for i in idx], shape, world, tok.pad_token_id or 0,
-                           cfg.optim.logprob_chunk_size)
-            dt = time.perf_counter() - t0
-            rec = {"step": step, **rec, "epoch": sampler.epoch + sampler.pos / sampler.size, "time/step": dt,
-                   "tokens_per_second": rec["tokens"] / dt, "memory/peak_gib": peak_memory_gib(device)}
-            if metrics is not None:
-                metrics.log(rec)
-                log.info("sft step %d/%d loss %.4f %.0f tokens/s", step, shape.steps, rec["loss"],
-                         rec["tokens_per_second"])
-            stopping = stop.agreed()
-            if stopping or step == shape.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                meta = {"step": step, "sampler": sampler.state(), "world_size": world,
-                        "wandb_id": metrics.wandb_id if metrics else None, "config": to_dict(cfg)}
-                ckpt.save(engine, run_dir / "checkpoints", step, meta, rank, cfg.checkpoint.keep)
-            if stopping and step < shape.steps:
-                stop_for_requeue(step, rank)
-        if cfg.checkpoint.save_final_model:
-            save_final(engine, tok, run_dir / "final", to_dict(cfg), last_metrics(run_dir) if rank == 0 else {})
-    finally:
+
+    def begin(start: int, metrics) -> None:
         if metrics is not None:
-            metrics.close()
-    return run_dir
+            log.info("sft: %d examples, %d steps of %d sequences (%d micro-batches of %d per rank)", len(examples),
+                     shape.steps, cfg.sft.batch_size, shape.grad_accum, shape.micro)
+
+    def step(n: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        idx = sampler.take(cfg.sft.batch_size)[rank * shape.per_rank : (rank + 1) * shape.per_rank]
+        rec = sft_step(engine, [examples[i] for i in idx], shape, world, tok.pad_token_id or 0,
+                       cfg.optim.logprob_chunk_size)
+        dt = time.perf_counter() - t0
+        return {"step": n, **rec, "epoch": sampler.epoch + sampler.pos / sampler.size, "time/step": dt,
+                "tokens_per_second": rec["tokens"] / dt, "memory/peak_gib": peak_memory_gib(device)}
+
+    def line(rec: dict[str, Any], total: int) -> str:
+        return f"sft step {rec['step']}/{total} loss {rec['loss']:.4f} {rec['tokens_per_second']:.0f} tokens/s"
+
+    return run_loop(Job(cfg, engine, tok, rank, world, sampler, shape.steps, step, sampler.state, line,
+                        begin=begin))

@@ -9,69 +9,30 @@ Deliberately left out of the default: the reference model (beta = 0) and the sec
 
 The phases live along the data flow: grpo/loop/state.py (set-up), grpo/rollout/source.py and grpo/rollout/scoring.py
 (rollouts, rewards, advantages), grpo/loop/update.py (the policy update), grpo/loop/evaluate.py,
-grpo/runtime/tracking.py (metrics and records).
+grpo/runtime/tracking.py (metrics and records). Resume, checkpoints, preemption and the final export are the run
+scaffold's (grpo/loop/run.py), shared with `grpo sft`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import yaml
-
-from grpo.config import Config, to_dict
+from grpo.config import Config
 from grpo.data import PromptSampler
 from grpo.loop.evaluate import evaluate
+from grpo.loop.run import Job, run_loop
 from grpo.loop.state import RunState, setup
 from grpo.loop.update import update
-from grpo.rollout.scoring import Prefetch, Rollouts, collect, collect_async
-from grpo.runtime import checkpoint as ckpt
+from grpo.rollout.scoring import Rollouts
+from grpo.rollout.source import SyncSource, rollout_source
 from grpo.runtime import collectives as coll
-from grpo.runtime.export import push_to_hub, save_final
 from grpo.runtime.tracking import Metrics, Timer, peak_memory_gib, rollout_records, step_metrics, write_records
 
 log = logging.getLogger("grpo")
-
-
-class Preempted(Exception):
-    """Raised after a signal-triggered checkpoint; the CLI turns it into PREEMPTED_EXIT (slurm requeues)."""
-
-
-PREEMPTED_EXIT = 85
-
-
-class StopFlag:
-    """SIGTERM / SIGUSR1 (slurm's warning, Ctrl-C's cousin) only set a flag; the ranks agree on it at a step
-    boundary, then checkpoint and stop together. A second signal, or one during a save, changes nothing more."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signum is None:
-            log.warning("received %s: finishing this step, then checkpoint and exit", signal.Signals(signum).name)
-        self.signum = signum
-
-    def agreed(self) -> bool:
-        return coll.any_rank(self.signum is not None)
-
-
-def stop_for_requeue(step: int, rank: int) -> NoReturn:
-    """After the signal's checkpoint: leave the marker launchers need (torchrun hides our exit code) and raise
-    Preempted, which the CLI turns into PREEMPTED_EXIT."""
-    marker = os.environ.get("GRPO_PREEMPT_MARKER")
-    if marker and rank == 0:
-        Path(marker).write_text(f"{step}\n")
-    raise Preempted(f"stopped by signal after step {step}; checkpoint written, resume with the same command")
 
 
 def log_step(cfg: Config, run: RunState, step: int, ro: Rollouts, upd: dict[str, float], trainer_lp: list,
@@ -101,32 +62,10 @@ def log_step(cfg: Config, run: RunState, step: int, ro: Rollouts, upd: dict[str,
     return rec
 
 
-def last_metrics(run_dir: Path) -> dict[str, Any]:
-    """The last metrics line, for the model card; {} when there is none or it was cut off (rank 0 reads it, and a
-    failure here must not keep it from the collective export that follows)."""
-    try:
-        return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    except (OSError, IndexError, ValueError):
-        return {}
-
-
-@dataclass
-class Pipeline:
-    """Async rollouts (rollout.async): the next step's generation, in flight while this step updates."""
-
-    pending: Prefetch | None = None
-
-
-def run_step(cfg: Config, run: RunState, sampler: PromptSampler, step: int, run_dir: Path,
-             pipe: Pipeline | None = None) -> dict[str, Any]:
+def run_step(cfg: Config, run: RunState, source: SyncSource, step: int, run_dir: Path) -> dict[str, Any]:
     """One GRPO step, from sampling to the checked weight sync; returns its metrics record."""
     timer, t0 = Timer(), time.perf_counter()
-    args = (cfg, run.rollout, run.prompts, run.rewards, run.pool, sampler, run.rank,
-            run.learner.shape.prompts_per_rank, step, timer)
-    if cfg.rollout.async_ and pipe is not None:  # this step's groups were sampled during the last update
-        ro, pipe.pending = collect_async(*args, pipe.pending)
-    else:
-        ro = collect(*args)  # generate + score + advantages
+    ro = source.next(step, timer)  # generate + score + advantages (async: generated during the last update)
     run.rollout.release()  # a colocated vLLM engine frees its GPU memory for the update
     upd = update(cfg, run.learner, ro.groups, timer)  # logprobs + loss + backward + step
     with timer("sync"):
@@ -134,103 +73,52 @@ def run_step(cfg: Config, run: RunState, sampler: PromptSampler, step: int, run_
     return log_step(cfg, run, step, ro, upd.metrics, upd.trainer_logprob_mean, timer, t0, run_dir)
 
 
-def checkpoint_meta(cfg: Config, run: RunState, sampler: PromptSampler, step: int, wandb_id: str | None,
-                    pipe: Pipeline | None = None) -> dict[str, Any]:
-    """What a resume needs besides DeepSpeed's own state: the step, the data order, and the config to match. With
-    a generation in flight (async), the sampler from before it took its prompts: a resume takes them again."""
-    pending = pipe.pending if pipe is not None else None
-    return {"step": step, "sampler": pending.sampler_state if pending is not None else sampler.state(),
-            "world_size": run.world, "wandb_id": wandb_id, "config": to_dict(cfg)}
+def train_source(cfg: Config, run: RunState, sampler: PromptSampler, asynchronous: bool | None = None) -> SyncSource:
+    """The rollout source of a training run on this rank."""
+    return rollout_source(cfg, run.rollout, run.prompts, run.rewards, run.pool, sampler, run.rank,
+                          run.learner.shape.prompts_per_rank, asynchronous)
 
 
-class Progress:
-    """Rank 0's view of the loop: tqdm on a terminal; otherwise (a slurm .out file) one plain line per step."""
-
-    def __init__(self, total: int, start: int) -> None:
-        self.total, self.bar = total, None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="grpo", dynamic_ncols=True)
-
-    def step(self, rec: dict[str, Any]) -> None:
-        acc = rec.get("eval/accuracy")
-        if self.bar is not None:
-            self.bar.set_postfix(reward=f"{rec['reward/mean']:.3f}",
-                                 **({"eval_acc": f"{acc:.3f}"} if acc is not None else {}))
-            self.bar.update(1)
-            return
-        log.info("step %d/%d reward %.3f%s %.1f s %.0f tokens/s", rec["step"], self.total, rec["reward/mean"],
-                 f" eval_acc {acc:.3f}" if acc is not None else "", rec["time/step"], rec["tokens_per_second"])
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def progress_line(rec: dict[str, Any], total: int) -> str:
+    """Rank 0's line per step where there is no terminal (a slurm .out file)."""
+    acc = rec.get("eval/accuracy")
+    ev = f" eval_acc {acc:.3f}" if acc is not None else ""
+    return (f"step {rec['step']}/{total} reward {rec['reward/mean']:.3f}{ev} {rec['time/step']:.1f} s "
+            f"{rec['tokens_per_second']:.0f} tokens/s")
 
 
-def open_run(cfg: Config, engine, rank: int, world: int, sampler: PromptSampler) -> tuple[int, Metrics | None]:
-    """The run directory, the checkpoint to resume from (the step it ends), and rank 0's metrics writer (grpo train
-    and grpo sft alike)."""
-    run_dir = Path(cfg.output_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    coll.barrier()
-    start, wandb_id = 0, None
-    resumed = ckpt.load_latest(engine, run_dir / "checkpoints", cfg.checkpoint.resume, rank, world, to_dict(cfg))
-    if resumed is not None:
-        path, meta = resumed
-        start, wandb_id = meta["step"], meta.get("wandb_id")
-        sampler.load_state(meta["sampler"])
-        log.info("resumed from %s at step %d", path, start)
-    metrics = None
-    if rank == 0:
-        metrics = Metrics(run_dir, to_dict(cfg), cfg.log.wandb, cfg.log.wandb_project, wandb_id)
-        metrics.truncate_after(start)  # lines written after the checkpoint we resume from are redone
-    return start, metrics
+def progress_postfix(rec: dict[str, Any]) -> dict[str, str]:
+    """tqdm's postfix on a terminal."""
+    acc = rec.get("eval/accuracy")
+    return {"reward": f"{rec['reward/mean']:.3f}", **({"eval_acc": f"{acc:.3f}"} if acc is not None else {})}
 
 
 def train(cfg: Config) -> Path:
     run = setup(cfg)
-    stop = StopFlag()
     run_dir = Path(cfg.output_dir)
     sampler = PromptSampler(len(run.prompts.rows), cfg.seed)
-    start, metrics = open_run(cfg, run.policy, run.rank, run.world, sampler)
-    if cfg.rollout.engine != "hf":  # the engine loaded model.path: check the pipeline, and catch up on a resume
-        log.info("initial weight sync: %s", run.rollout.sync(run.policy.module, start))
-    if start == 0 and cfg.eval.at_start:
-        ev = evaluate(cfg, run, 0, run_dir)
-        if metrics is not None and ev:
-            metrics.log({"step": 0, **ev})
-            log.info("eval at step 0: %s", ev)
-    progress = Progress(cfg.steps, start) if run.rank == 0 else None
-    pipe = Pipeline()
+    source = train_source(cfg, run, sampler)
+
+    def begin(start: int, metrics: Metrics | None) -> None:
+        if cfg.rollout.engine != "hf":  # the engine loaded model.path: check the pipeline, and catch up on a resume
+            log.info("initial weight sync: %s", run.rollout.sync(run.policy.module, start))
+        if start == 0 and cfg.eval.at_start:
+            ev = evaluate(cfg, run, 0, run_dir)
+            if metrics is not None and ev:
+                metrics.log({"step": 0, **ev})
+                log.info("eval at step 0: %s", ev)
+
+    def step(n: int) -> dict[str, Any]:
+        rec = run_step(cfg, run, source, n, run_dir)
+        if (cfg.eval.every and n % cfg.eval.every == 0) or (n == cfg.steps and cfg.eval.at_end):
+            rec.update(evaluate(cfg, run, n, run_dir))
+        return rec
+
     try:
-        for step in range(start + 1, cfg.steps + 1):
-            rec = run_step(cfg, run, sampler, step, run_dir, pipe)
-            if (cfg.eval.every and step % cfg.eval.every == 0) or (step == cfg.steps and cfg.eval.at_end):
-                rec.update(evaluate(cfg, run, step, run_dir))
-            if metrics is not None:
-                metrics.log(rec)
-                progress.step(rec)
-            stopping = stop.agreed()
-            if stopping or step == cfg.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                meta = checkpoint_meta(cfg, run, sampler, step, metrics.wandb_id if metrics else None, pipe)
-                ckpt.save(run.policy, run_dir / "checkpoints", step, meta, run.rank, cfg.checkpoint.keep)
-            if stopping and step < cfg.steps:
-                stop_for_requeue(step, run.rank)
-        if cfg.checkpoint.save_final_model:
-            save_final(run.policy, run.tok, run_dir / "final", to_dict(cfg),
-                       last_metrics(run_dir) if run.rank == 0 else {})
-            if cfg.log.push_to_hub and run.rank == 0:
-                log.info("pushed the final model: %s", push_to_hub(run_dir / "final", cfg.log.push_to_hub))
+        return run_loop(Job(cfg, run.policy, run.tok, run.rank, run.world, sampler, cfg.steps, step,
+                            source.sampler_state, progress_line, progress_postfix, begin, push=True))
     finally:
-        if progress is not None:
-            progress.close()
-        if metrics is not None:
-            metrics.close()
         run.close()
-    return run_dir
 
 
 def evaluate_only(cfg: Config) -> dict[str, float]:

@@ -25,21 +25,24 @@ import torch
 from grpo.config import Config
 from grpo.rollout.base import Completion, SamplingParams
 from grpo.rollout.http import ServerError, parallel, request
-from grpo.rollout.vllm_engine import SyncCheck, SyncError, canary_diff, completions, judge, trainer_probe_logprobs
+from grpo.rollout.vllm_engine import (
+    SyncCheck,
+    SyncError,
+    canary_diff,
+    completions,
+    judge,
+    sampling_fields,
+    trainer_probe_logprobs,
+)
 from grpo.runtime import collectives as coll
 
 log = logging.getLogger("grpo")
 
 
 def completion_body(prompts: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int]) -> dict[str, Any]:
-    """An OpenAI-compatible /v1/completions request: token ids in; token ids and the sampled tokens' logprobs (after
-    temperature and top-p: the servers run with --logprobs-mode processed_logprobs) out."""
-    return {"prompt": prompts, "n": n, "max_tokens": params.max_new_tokens,
-            "temperature": 0.0 if params.greedy else params.temperature,
-            "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else -1, "min_p": 0.0,
-            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,  # whatever the server's
-            # defaults: the distribution sampled is the trainer's, after temperature and top-p only
-            "stop_token_ids": stop_ids, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True}
+    """An OpenAI-compatible /v1/completions request: token ids in; token ids and the sampled tokens' logprobs out,
+    sampled as the colocated engine samples (`sampling_fields`)."""
+    return {"prompt": prompts, "n": n, **sampling_fields(params, stop_ids), "return_token_ids": True}
 
 
 def samples_from(choices: list[dict[str, Any]], num_prompts: int, n: int) -> list[list[dict[str, Any]]]:

@@ -140,13 +140,20 @@ def _reason(e: Exception) -> str:
     return line if len(line) <= 400 else line[:400] + " ..."
 
 
+def sampling_fields(params: SamplingParams, stop_ids: list[int]) -> dict[str, Any]:
+    """How vLLM is asked to sample, in process (`vllm.SamplingParams`) and over HTTP (/v1/completions) alike: the
+    distribution sampled is the trainer's, after temperature and top-p only, whatever the server's or the model's
+    defaults (no top-k, min-p or penalties); the sampled tokens' logprobs come back (the servers run with
+    --logprobs-mode processed_logprobs)."""
+    return {"max_tokens": params.max_new_tokens, "temperature": 0.0 if params.greedy else params.temperature,
+            "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else -1, "min_p": 0.0,
+            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+            "stop_token_ids": stop_ids, "logprobs": 0, "skip_special_tokens": True}
+
+
 def vllm_sampling_params(params: SamplingParams, n: int, stop_ids: list[int], seed: int | None = None):
     vllm = import_vllm()
-    return vllm.SamplingParams(n=n, max_tokens=params.max_new_tokens,
-                               temperature=0.0 if params.greedy else params.temperature,
-                               top_p=1.0 if params.greedy else params.top_p, top_k=0 if params.greedy else -1,
-                               logprobs=0, stop_token_ids=stop_ids, seed=seed, detokenize=False,
-                               skip_special_tokens=True)
+    return vllm.SamplingParams(n=n, seed=seed, detokenize=False, **sampling_fields(params, stop_ids))
 
 
 def sample_dicts(request_output) -> list[dict[str, Any]]:

@@ -140,8 +140,6 @@ class BroadcastWeightTransferEngine(WeightTransferEngine[BroadcastInitInfo, Broa
     supports_draft_weight_update = False
 
     def init_transfer_engine(self, init_info: BroadcastInitInfo) -> None:
-        from grpo.rollout.transfer.base import weight_group
-
         pc = self.parallel_config  # vLLM's own rank rule for its NCCL engine: unique across data-parallel groups
         rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
         self.group, self.store = weight_group(init_info.master_address, init_info.master_port, rank,
