@@ -1,16 +1,14 @@
 """What `vllm serve` loads of ours, inside its worker process: a weight-transfer backend and two checks.
 
 `grpo serve` starts a plain `vllm serve` with `--worker-extension-cls grpo.vllm_plugin.GrpoWorkerExtension`;
-vLLM imports this module in the worker before it loads the model, which registers the backend below in vLLM's own
-registry (`WeightTransferEngineFactory`) and, on CPU, keeps the linear weights as parameters (see
+vLLM imports the extension's module in the worker before it loads the model, which registers our backend in vLLM's
+own registry (`WeightTransferEngineFactory`) and, on CPU, keeps the linear weights as parameters (see
 `grpo.rollout.vllm_engine.keep_plain_cpu_linears`). The trainer then drives vLLM's RL endpoints (`/pause`,
 `/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`, `/finish_weight_update`, `/resume`).
 
 Why a backend of ours: every backend vLLM ships (`nccl`, `ipc`, `sparse_nccl`, ...) needs CUDA, and CI has none.
-Between GPUs the servers run vLLM's own `nccl` (transfer.base.resolve_backend); on CPU `grpo_broadcast` receives
-each bucket as one flat tensor per dtype over a gloo group it joins with the trainer (its trainer half is
-grpo.rollout.transfer.base.BroadcastTrainerEngine), loads it in place with the model's own `load_weights` (so fused vLLM
-parameters are filled from HF names), and repacks the CPU kernels once the update is finished.
+Between GPUs the servers run vLLM's own `nccl` (transfer/nccl.py); on CPU, `grpo_broadcast` (transfer/broadcast.py,
+both halves).
 """
 
 from __future__ import annotations
