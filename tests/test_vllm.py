@@ -238,7 +238,7 @@ def test_server_sync_checks_catch_corruption_and_a_dead_server(tmp_path, vllm_ti
                 assert torch.allclose(torch.tensor(c.logprobs), _hf_logprobs(model, p_ids, c.ids, 0.9, 1.0),
                                       atol=1e-4)
 
-        from grpo.rollout.transfer.base import BroadcastTrainerEngine
+        from grpo.rollout.transfer.broadcast import BroadcastTrainerEngine
 
         real_send = BroadcastTrainerEngine._send  # after the source summed the bucket: a corruption on the way
 
