@@ -25,8 +25,6 @@ import os
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from grpo.config import Config, ConfigError, TeacherConfig
-from grpo.data import load_rows, render
+from grpo.data import PromptSet, load_rows, render
 from grpo.rollout.base import Completion, SamplingParams
-from grpo.rollout.scoring import score_groups
+from grpo.rollout.http import HTTPStatusError, UnreachableError, post_json
+from grpo.rollout.scoring import Group, score_groups
 
 log = logging.getLogger("grpo")
 
@@ -74,9 +73,9 @@ class Tally:
 FATAL_4XX = (401, 403, 404, 405)
 
 
-def _retry_after(e: urllib.error.HTTPError, default: float, cap: float) -> float:
+def _retry_after(e: HTTPStatusError, default: float, cap: float) -> float:
     """Retry-After in seconds or as an HTTP date (RFC 9110), at most `cap` (a day's wait is not worth one
-    prompt); `default` when absent or unreadable."""
+    prompt); `default` when absent or unreadable. Reads `e.headers`, as urllib's HTTPError has them too."""
     value = e.headers.get("Retry-After") if e.headers is not None else None
     if value is None:
         return default
@@ -90,9 +89,9 @@ def _retry_after(e: urllib.error.HTTPError, default: float, cap: float) -> float
     return min(max(wait, 0.0), cap)
 
 
-def _body(e: urllib.error.HTTPError) -> str:
+def _body(e: HTTPStatusError) -> str:
     """An error answer's first 300 characters; a body cut off mid-read (a reset, a timeout) is no reason to stop
-    retrying."""
+    retrying. Reads `e.read()`, as urllib's HTTPError has it too."""
     try:
         return e.read().decode(errors="replace")[:300]
     except (OSError, http.client.HTTPException) as err:
@@ -105,26 +104,22 @@ def request_samples(t: TeacherConfig, messages: list[dict[str, str]], n: int, pa
     None when it still failed after `t.retries` retries (counted in `tally`). A 4xx other than 429 is not retried
     (it would fail the same way every time): FATAL_4XX stops the run, any other fails this prompt only."""
     url = t.url.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": t.model, "messages": messages, "n": n, "max_tokens": params.max_new_tokens,
-                       "temperature": params.temperature, "top_p": params.top_p}).encode()
-    headers = {"Content-Type": "application/json"}
+    body = {"model": t.model, "messages": messages, "n": n, "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature, "top_p": params.top_p}
     key = os.environ.get(t.api_key_env)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     wait = t.backoff
     for attempt in range(t.retries + 1):
         reason, delay, error = None, wait, ""
         try:
-            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(req, timeout=t.timeout) as r:
-                answer = json.loads(r.read())
+            answer = post_json(url, body, t.timeout, headers)
             choices = answer.get("choices") if isinstance(answer, dict) else None
             out = [(_text(c["message"]), c.get("finish_reason") or "stop") for c in choices or []]
             if len(out) == n:
                 return out
             reason, error = "garbage", (f"{url}: asked for n={n} completions, got {len(out)} (does the endpoint "
                                         f"support n?): {str(answer)[:200]}")
-        except urllib.error.HTTPError as e:
+        except HTTPStatusError as e:
             error = f"{url} answered {e.code}: {_body(e)}"
             if e.code == 429:
                 reason, delay = "rate_limited", max(wait, _retry_after(e, wait, cap=t.timeout))
@@ -137,7 +132,7 @@ def request_samples(t: TeacherConfig, messages: list[dict[str, str]], n: int, pa
             else:
                 tally.gave_up(error)
                 return None
-        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
+        except (UnreachableError, http.client.HTTPException) as e:  # HTTPException: an answer cut short
             reason, error = "unreachable", f"{url} did not answer: {getattr(e, 'reason', e)}"
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             reason, error = "garbage", f"{url}: an answer that is not a chat completion ({e!r:.200})"
@@ -287,13 +282,25 @@ def build_dataset(samples: list[dict[str, Any]], keep: str) -> tuple[list[dict[s
     return rows, report
 
 
-def distill(cfg: Config) -> Path:
-    """Sample, verify and write shards; then the data set (save_to_disk, plus data.parquet) and report.json."""
-    import datasets
+@dataclass
+class Setup:
+    """What a run works from, all checked before a teacher is loaded or a request sent (a bad recipe fails in
+    seconds): the rewards and the one that decides what passes, the student's tokenizer, the training rows and
+    their rendering, and where the data set and its shards go."""
 
-    from grpo.runtime.model import load_tokenizer, resolve_model_path
-    from rewards.pool import WorkerPool
-    from rewards.runner import build_rewards, check_columns
+    rewards: list[Any]
+    verify: str
+    tok: Any
+    train_rows: list[dict[str, Any]]
+    prompts: PromptSet
+    out: Path
+    shards: Path
+
+
+def _rewards(cfg: Config) -> tuple[list[Any], str]:
+    """The recipe's rewards and the name of the verifier (distill.verify, else the first reward), after the
+    teacher's settings: checked first, as they need nothing loaded."""
+    from rewards.runner import build_rewards
 
     d, t = cfg.distill, cfg.distill.teacher
     if not t.url and not t.model:
@@ -305,6 +312,16 @@ def distill(cfg: Config) -> Path:
     verify = d.verify or rewards[0].name
     if verify not in [r.name for r in rewards]:
         raise ConfigError(f"distill.verify: {verify!r} is not one of the recipe's rewards {[r.name for r in rewards]}")
+    return rewards, verify
+
+
+def _setup(cfg: Config) -> Setup:
+    """The rewards, and the prompts rendered with the student's tokenizer and chat template, as `grpo train` and
+    `grpo eval` render them: the rows `grpo sft` trains on are the student's."""
+    from grpo.runtime.model import load_tokenizer, resolve_model_path
+    from rewards.runner import check_columns
+
+    rewards, verify = _rewards(cfg)
     student = resolve_model_path(cfg.model.path)
     tok = load_tokenizer(student, cfg.model.revision, cfg.model.trust_remote_code)
     train_rows, _ = load_rows(cfg.data)  # the held-out split stays held out
@@ -313,29 +330,70 @@ def distill(cfg: Config) -> Path:
         check_columns(rewards, prompts.columns)
     except ValueError as e:
         raise ConfigError(f"rewards: {e}") from None
-    todo_rows = prompts.rows[: d.num_prompts] if d.num_prompts else prompts.rows
-    out = Path(d.output or Path(cfg.output_dir) / "distilled")
-    shards = out.parent / (out.name + ".shards")
-    done = {s["prompt_id"] for s in read_shards(shards)}
-    todo = [r for r in todo_rows if r["prompt_id"] not in done]
+    out = Path(cfg.distill.output or Path(cfg.output_dir) / "distilled")
+    return Setup(rewards, verify, tok, train_rows, prompts, out, out.parent / (out.name + ".shards"))
+
+
+def _resume(cfg: Config, s: Setup) -> tuple[int, list[dict[str, Any]]]:
+    """How many prompts the shards already hold (a rerun after a crash or a stop), and the rows still to sample:
+    the first distill.num_prompts (all when 0), less those."""
+    d = cfg.distill
+    rows = s.prompts.rows[: d.num_prompts] if d.num_prompts else s.prompts.rows
+    done = {x["prompt_id"] for x in read_shards(s.shards)}
+    todo = [r for r in rows if r["prompt_id"] not in done]
     if done:
-        log.info("distill: %d prompts already in %s, %d to go", len(done), shards, len(todo))
+        log.info("distill: %d prompts already in %s, %d to go", len(done), s.shards, len(todo))
+    return len(done), todo
+
+
+def _teacher(cfg: Config, s: Setup, todo: list[dict[str, Any]]) -> tuple[EndpointTeacher | LocalTeacher | None, str]:
+    """The teacher and the name its samples are recorded under. A local model is loaded only when there is
+    something to sample, from the raw rows of the prompts to go (it renders them with its own template); with every
+    prompt on disk (a rerun after the sampling) there is no teacher to load, only the data set to build."""
+    from grpo.runtime.model import resolve_model_path
+
+    t = cfg.distill.teacher
     if t.url:
-        teacher: EndpointTeacher | LocalTeacher | None = EndpointTeacher(t, tok)
-        name = teacher.name
-    elif todo:
+        teacher: EndpointTeacher | LocalTeacher = EndpointTeacher(t, s.tok)
+        return teacher, teacher.name
+    if todo:
         wanted = {r["prompt_id"] for r in todo}
-        teacher = LocalTeacher(cfg, t.model, [r for r in train_rows if r["prompt_id"] in wanted])
-        name = teacher.name
-    else:  # every prompt is on disk already (a rerun after the sampling): no teacher to load, the data set to build
-        teacher, name = None, resolve_model_path(t.model)
-    tally = teacher.tally if teacher is not None else Tally()
-    r = cfg.rollout
+        teacher = LocalTeacher(cfg, t.model, [r for r in s.train_rows if r["prompt_id"] in wanted])
+        return teacher, teacher.name
+    return None, resolve_model_path(t.model)
+
+
+def _records(groups: list[Group], s: Setup, name: str, sampling: str, threshold: float) -> list[dict[str, Any]]:
+    """A scored batch as shard records, one per sample: what build_dataset needs to select and write it. A reward
+    that failed on a sample (NaN) is stored as null, JSON having no NaN; such a verifier score does not pass."""
+    samples = []
+    for g in groups:
+        for j, c in enumerate(g.completions):
+            per = {k: v[j] for k, v in g.rewards.items()}
+            v = per[s.verify]
+            samples.append({"prompt_id": g.row["prompt_id"], "index": j, "prompt": g.row["prompt_messages"],
+                            "answer": str(g.row.get("answer", "")), "completion": c.text,
+                            "num_tokens": len(c.ids), "finish_reason": c.finish_reason,
+                            "teacher": name, "sampling": sampling,
+                            "rewards": json.dumps({k: (None if x != x else x) for k, x in per.items()}),
+                            "total": g.total[j] if g.total[j] == g.total[j] else None,
+                            "passed": bool(v == v and v >= threshold)})
+    return samples
+
+
+def _sample_shards(cfg: Config, s: Setup, teacher: EndpointTeacher | LocalTeacher | None, name: str, tally: Tally,
+                   todo: list[dict[str, Any]], done: int) -> float:
+    """Sample, score and write `todo`, distill.batch_prompts prompts a shard, so that a crash loses at most the
+    batch in flight; a batch in which every request failed stops the run (the endpoint is down: rerun later).
+    Returns when the sampling began, after the scoring pool started: the report's clock."""
+    from rewards.pool import WorkerPool
+
+    d, r = cfg.distill, cfg.rollout
     params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
     sampling = json.dumps({"n": d.num_samples, "temperature": r.temperature, "top_p": r.top_p,
                            "max_new_tokens": r.max_new_tokens})
     pool = WorkerPool(cfg.scoring.workers, cfg.scoring.memory_mb) if cfg.scoring.workers > 0 else None
-    first = next_shard(shards)
+    first = next_shard(s.shards)
     t0 = time.perf_counter()
     try:
         for b, i in enumerate(range(0, len(todo), d.batch_prompts)):
@@ -344,37 +402,45 @@ def distill(cfg: Config) -> Path:
             ok = [(row, c) for row, c in zip(batch, comps, strict=True) if c]
             if not ok:
                 raise TeacherError(f"teacher {name}: every request of a batch failed after "
-                                   f"{t.retries} retries; last error: {tally.last_error}. The "
-                                   f"{len(done) + i} prompts distilled so far are kept in {shards}: rerun to go on")
-            groups, errors, _ = score_groups([x for x, _ in ok], [c for _, c in ok], rewards, prompts, pool)
-            samples = []
-            for g in groups:
-                for j, c in enumerate(g.completions):
-                    per = {k: v[j] for k, v in g.rewards.items()}
-                    v = per[verify]
-                    samples.append({"prompt_id": g.row["prompt_id"], "index": j, "prompt": g.row["prompt_messages"],
-                                    "answer": str(g.row.get("answer", "")), "completion": c.text,
-                                    "num_tokens": len(c.ids), "finish_reason": c.finish_reason,
-                                    "teacher": name, "sampling": sampling,
-                                    "rewards": json.dumps({k: (None if x != x else x) for k, x in per.items()}),
-                                    "total": g.total[j] if g.total[j] == g.total[j] else None,
-                                    "passed": bool(v == v and v >= d.threshold)})
-            write_shard(shards, first + b, samples)
+                                   f"{d.teacher.retries} retries; last error: {tally.last_error}. The "
+                                   f"{done + i} prompts distilled so far are kept in {s.shards}: rerun to go on")
+            groups, _, _ = score_groups([x for x, _ in ok], [c for _, c in ok], s.rewards, s.prompts, pool)
+            samples = _records(groups, s, name, sampling, d.threshold)
+            write_shard(s.shards, first + b, samples)
             log.info("distill: %d/%d prompts, %d samples, %.1f s", min(i + d.batch_prompts, len(todo)), len(todo),
                      len(samples), time.perf_counter() - t0)
     finally:
         if pool is not None:
             pool.close()
-    rows, report = build_dataset(read_shards(shards), d.keep)
-    report.update({"teacher": name, "keep": d.keep, "verify": verify, "threshold": d.threshold,
-                   "failed_requests": tally.failed, "retries": dict(tally.retries),
-                   "seconds": round(time.perf_counter() - t0, 1)})
+    return t0
+
+
+def _write(out: Path, rows: list[dict[str, Any]], report: dict[str, Any], verify: str, threshold: float) -> None:
+    """The data set (save_to_disk for `grpo sft`, plus data.parquet for other tools) and report.json; an error
+    instead when nothing passed, as there is nothing to fine-tune on."""
+    import datasets
+
     if not rows:
-        raise ConfigError(f"distill: no sample passed {verify} >= {d.threshold} ({report['samples']} sampled): "
+        raise ConfigError(f"distill: no sample passed {verify} >= {threshold} ({report['samples']} sampled): "
                           "nothing to fine-tune on; check the teacher and distill.verify")
     ds = datasets.Dataset.from_list(rows)
     ds.save_to_disk(str(out))
     ds.to_parquet(str(out / "data.parquet"))
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log.info("distill: %s", json.dumps(report))
-    return out
+
+
+def distill(cfg: Config) -> Path:
+    """Sample, verify and write shards; then the data set (save_to_disk, plus data.parquet) and report.json."""
+    d = cfg.distill
+    s = _setup(cfg)
+    done, todo = _resume(cfg, s)
+    teacher, name = _teacher(cfg, s, todo)
+    tally = teacher.tally if teacher is not None else Tally()
+    t0 = _sample_shards(cfg, s, teacher, name, tally, todo, done)
+    rows, report = build_dataset(read_shards(s.shards), d.keep)
+    report.update({"teacher": name, "keep": d.keep, "verify": s.verify, "threshold": d.threshold,
+                   "failed_requests": tally.failed, "retries": dict(tally.retries),
+                   "seconds": round(time.perf_counter() - t0, 1)})
+    _write(s.out, rows, report, s.verify, d.threshold)
+    return s.out
