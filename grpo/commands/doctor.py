@@ -32,12 +32,18 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grpo.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # type hints only: at run time they load torch, which this module imports lazily
+    from grpo.commands.plan import Plan
+    from grpo.loop.state import RunState
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 GIB = 2**30
 MEMORY_SLACK = 1.3  # the measured peak may exceed the plan by this factor (its CPU figures are within 30%)
+Checksum = tuple[float, float]  # grpo.runtime.weights.model_checksum's (sum, sum of squares)
 
 
 @dataclass
@@ -196,12 +202,8 @@ def _du(path: Path) -> float:
 
 
 def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
-    from grpo.rollout.vllm_engine import SyncError, canary_tolerance
-    from grpo.runtime import checkpoint as ckpt
-    from grpo.runtime import collectives as coll
+    """The checks in CHECKS' order; a failure returns early, and `doctor` marks the checks left as skipped."""
     from grpo.runtime.deepspeed_setup import pick_device
-    from grpo.runtime.lora import weight_count
-    from grpo.runtime.weights import checksums_match, model_checksum
 
     device = pick_device(cfg.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -211,106 +213,169 @@ def run_checks(cfg: Config, memory_gib: float | None, report: Report) -> None:
     check, predicted = plan_check(cfg, world, budget, device)
     if not report.push(check) or not report.push(sandbox_check(cfg)):
         return
+    started = start_run(cfg, report)
+    if started is None:
+        return
+    run, t0 = started
+    try:
+        run_checks_on(cfg, run, t0, device, budget, predicted, report)
+    finally:
+        run.close()
 
-    from grpo.data import PromptSampler
-    from grpo.loop.run import checkpoint_meta
+
+def start_run(cfg: Config, report: Report) -> tuple[RunState, float] | None:
+    """`grpo train`'s real `setup()` and the time it started; None when the recipe is refused (recorded as the
+    set-up check's failure)."""
     from grpo.loop.state import setup
-    from grpo.loop.train import run_step, train_source
-    from grpo.runtime.tracking import peak_memory_gib
 
     t0 = time.perf_counter()
     try:
-        run = setup(cfg)
+        return setup(cfg), t0
     except ConfigError as e:
         report.add("set-up", FAIL, str(e), "the message names the key or file to change")
+        return None
+
+
+def run_checks_on(cfg: Config, run: RunState, t0: float, device: str, budget: float, predicted: Plan,
+                  report: Report) -> None:
+    """The checks that need the set-up run: collectives, first sync, two training steps, memory, checkpoint."""
+    report.push(set_up_check(cfg, run, t0))
+    if not report.push(collectives_check(device, run.world)) or not report.push(first_sync_check(cfg, run)):
         return
+    steps = two_steps(cfg, run, report)
+    if steps is None:
+        return
+    recs, sums, saved, save_s = steps
+    report.push(training_steps_check(recs, sums))
+    report.push(memory_check(run, device, budget, predicted))
+    report.push(checkpoint_check(run, saved, save_s, sums[0]))
+
+
+def set_up_check(cfg: Config, run: RunState, t0: float) -> Check:
+    """What `setup()` built, in the time since `t0`: parameters, dtype, ZeRO stage, engines, prompts."""
+    from grpo.runtime.lora import weight_count
+
+    engine = run.policy
+    params = weight_count(engine.module)
+    return Check("set-up", PASS, f"{time.perf_counter() - t0:.1f} s: {params / 1e6:.1f}M parameters in "
+                 f"{cfg.model.dtype}, DeepSpeed ZeRO-{engine.zero_optimization_stage()} on {run.world} rank(s), "
+                 f"rollout engine {cfg.rollout.engine}, {len(run.prompts.rows)} training prompts")
+
+
+def collectives_check(device: str, n: int) -> Check:
+    """An all-reduce between the `n` ranks: the sums must be right; its time gives the bus bandwidth."""
+    from grpo.runtime import collectives as coll
+
+    nbytes = (256 if device == "cuda" else 16) * 2**20
+    seconds, ok = coll.timed_all_reduce(nbytes)
+    bus = 2 * (n - 1) / n * nbytes / seconds / 1e9 if n > 1 else 0.0
+    fig = (f"all-reduce of {nbytes // 2**20} MiB over {n} rank(s) on {coll.backend_device().type}: "
+           f"{seconds * 1e3:.1f} ms" + (f", bus bandwidth {bus:.1f} GB/s" if n > 1 else ""))
+    return Check("collectives", PASS if ok else FAIL, fig + ("" if ok else ": WRONG SUMS"),
+                 "" if ok else "check the interconnect: NCCL_DEBUG=INFO; NCCL_IB_DISABLE=1 or "
+                 "NCCL_SOCKET_IFNAME to rule out a network interface")
+
+
+def first_sync_check(cfg: Config, run: RunState) -> Check:
+    """vLLM engines get the trainer's weights: checksum and canary (the HF engine has nothing to sync)."""
+    from grpo.rollout.vllm_engine import SyncError, canary_tolerance
+
+    if cfg.rollout.engine == "hf":
+        return Check("first sync", SKIP, "the HF engine generates from the trainer's own weights")
+    t0 = time.perf_counter()
     try:
-        engine, rank = run.policy, run.rank
-        zero3 = engine.zero_optimization_stage() == 3
-        params = weight_count(engine.module)
-        report.add("set-up", PASS, f"{time.perf_counter() - t0:.1f} s: {params / 1e6:.1f}M parameters in "
-                   f"{cfg.model.dtype}, DeepSpeed ZeRO-{engine.zero_optimization_stage()} on {run.world} rank(s), "
-                   f"rollout engine {cfg.rollout.engine}, {len(run.prompts.rows)} training prompts")
+        m = run.rollout.sync(run.policy.module)
+    except SyncError as e:
+        return Check("first sync", FAIL, str(e), "the rollout engine does not hold the trainer's weights: "
+                     "report this table (rollout.vllm.canary=warn goes on regardless)")
+    return Check("first sync", PASS, f"{time.perf_counter() - t0:.1f} s, checksum ok, canary mean |diff| "
+                 f"{m['sync/canary_mean_abs']:.2g} (tolerance {canary_tolerance(cfg):g}, max "
+                 f"{m['sync/canary_max_abs']:.2g})")
 
-        nbytes = (256 if device == "cuda" else 16) * 2**20
-        seconds, ok = coll.timed_all_reduce(nbytes)
-        n = run.world
-        bus = 2 * (n - 1) / n * nbytes / seconds / 1e9 if n > 1 else 0.0
-        fig = (f"all-reduce of {nbytes // 2**20} MiB over {n} rank(s) on {coll.backend_device().type}: "
-               f"{seconds * 1e3:.1f} ms" + (f", bus bandwidth {bus:.1f} GB/s" if n > 1 else ""))
-        if not report.add("collectives", PASS if ok else FAIL, fig + ("" if ok else ": WRONG SUMS"),
-                          "" if ok else "check the interconnect: NCCL_DEBUG=INFO; NCCL_IB_DISABLE=1 or "
-                          "NCCL_SOCKET_IFNAME to rule out a network interface"):
-            return
 
-        if cfg.rollout.engine == "hf":
-            report.add("first sync", SKIP, "the HF engine generates from the trainer's own weights")
-        else:
-            t0 = time.perf_counter()
-            try:
-                m = run.rollout.sync(engine.module)
-            except SyncError as e:
-                report.add("first sync", FAIL, str(e), "the rollout engine does not hold the trainer's weights: "
-                           "report this table (rollout.vllm.canary=warn goes on regardless)")
-                return
-            report.add("first sync", PASS, f"{time.perf_counter() - t0:.1f} s, checksum ok, canary mean |diff| "
-                       f"{m['sync/canary_mean_abs']:.2g} (tolerance {canary_tolerance(cfg):g}, max "
-                       f"{m['sync/canary_max_abs']:.2g})")
+def two_steps(cfg: Config, run: RunState, report: Report) -> tuple[list[dict], list[Checksum], Path, float] | None:
+    """Two real steps as `grpo train` runs them, the weights' checksum after each, step 1 saved: (records,
+    checksums, step 1's checkpoint, its save time); None when a sync failed (recorded in the report)."""
+    from grpo.data import PromptSampler
+    from grpo.loop.run import checkpoint_meta
+    from grpo.loop.train import run_step, train_source
+    from grpo.rollout.vllm_engine import SyncError
+    from grpo.runtime import checkpoint as ckpt
+    from grpo.runtime.weights import model_checksum
 
-        run_dir = Path(cfg.output_dir)
-        sampler = PromptSampler(len(run.prompts.rows), cfg.seed)
-        source = train_source(cfg, run, sampler, asynchronous=False)
-        recs, sums, save_s, saved = [], [], 0.0, None
-        try:
-            for step in (1, 2):
-                recs.append(run_step(cfg, run, source, step, run_dir))
-                sums.append(model_checksum(engine.module, zero3))
-                if step == 1:
-                    t0 = time.perf_counter()
-                    saved = ckpt.save(engine, run_dir / "checkpoints", 1,
-                                      checkpoint_meta(cfg, 1, source.sampler_state(), run.world, None), rank, 2)
-                    save_s = time.perf_counter() - t0
-        except SyncError as e:
-            report.add("training steps", FAIL, str(e), "the rollout engine lost the trainer's weights after an "
-                       "update: report this table")
-            return
-        fig = "; ".join(
-            f"step {r['step']}: {r['time/step']:.1f} s, {r['tokens_per_second']:.0f} tokens/s, reward "
-            f"{r['reward/mean']:.3f}, loss {r['loss/pg']:.3g}, grad norm {r['grad_norm']:.3g}"
-            + (f", sync {r['time/sync']:.1f} s" if "sync/canary_mean_abs" in r else "") for r in recs)
-        bad = [f"step {r['step']}: non-finite {k}" for r in recs for k in ("loss/pg", "grad_norm")
-               if not math.isfinite(r[k])]
-        if checksums_match(sums[0], sums[1]):
-            bad.append("the weights did not change in step 2")
-        report.add("training steps", FAIL if bad else PASS, fig + ("; " + "; ".join(bad) if bad else ""),
-                   "lower optim.lr, check the rewards (reward/*/errors) and model.dtype" if bad else "")
+    engine, rank = run.policy, run.rank
+    zero3 = engine.zero_optimization_stage() == 3
+    run_dir = Path(cfg.output_dir)
+    source = train_source(cfg, run, PromptSampler(len(run.prompts.rows), cfg.seed), asynchronous=False)
+    recs, sums, save_s, saved = [], [], 0.0, None
+    try:
+        for step in (1, 2):
+            recs.append(run_step(cfg, run, source, step, run_dir))
+            sums.append(model_checksum(engine.module, zero3))
+            if step == 1:
+                t0 = time.perf_counter()
+                saved = ckpt.save(engine, run_dir / "checkpoints", 1,
+                                  checkpoint_meta(cfg, 1, source.sampler_state(), run.world, None), rank, 2)
+                save_s = time.perf_counter() - t0
+    except SyncError as e:
+        report.add("training steps", FAIL, str(e), "the rollout engine lost the trainer's weights after an "
+                   "update: report this table")
+        return None
+    return recs, sums, saved, save_s
 
-        measured = coll.all_max([peak_memory_gib(run.device)])[0]
-        over = measured > MEMORY_SLACK * predicted.peak_gib or measured > budget
-        report.add("memory", FAIL if over else PASS,
-                   f"measured peak {measured:.2f} GiB per device ({'torch allocator' if device == 'cuda' else 'RSS'})"
-                   f", predicted {predicted.peak_gib:.2f} GiB ({measured / predicted.peak_gib - 1:+.0%}), "
-                   f"budget {budget:.1f} GiB",
-                   "grpo plan underestimates this recipe: leave headroom (smaller optim.micro_batch_size) and "
-                   "report this table" if over else "")
 
-        t0 = time.perf_counter()
-        try:
-            ckpt.load(engine, saved, rank, run.world)
-        except Exception as e:  # noqa: BLE001 - DeepSpeed and torch raise many types for unreadable files
-            report.add("checkpoint", FAIL, f"step 1 saved in {save_s:.1f} s; loading it failed: "
-                       f"{type(e).__name__}: {e}", "check the output_dir's filesystem (space, permissions)")
-            return
-        load_s = time.perf_counter() - t0
-        back = model_checksum(engine.module, zero3)
-        ok = checksums_match(back, sums[0])
-        size = coll.all_sum([_du(saved) if rank == 0 else 0.0])[0]
-        report.add("checkpoint", PASS if ok else FAIL,
-                   f"step 1 saved in {save_s:.1f} s ({size:.2f} GiB), loaded in {load_s:.1f} s after step 2: "
-                   + ("weights restored exactly" if ok else f"weights differ: sum {back[0]!r} vs {sums[0][0]!r}"),
-                   "" if ok else "the checkpoint does not restore the weights: report this table")
-    finally:
-        run.close()
+def training_steps_check(recs: list[dict], sums: list[Checksum]) -> Check:
+    """The two steps' figures; finite loss and gradient norm, and weights that step 2 changed."""
+    from grpo.runtime.weights import checksums_match
+
+    fig = "; ".join(
+        f"step {r['step']}: {r['time/step']:.1f} s, {r['tokens_per_second']:.0f} tokens/s, reward "
+        f"{r['reward/mean']:.3f}, loss {r['loss/pg']:.3g}, grad norm {r['grad_norm']:.3g}"
+        + (f", sync {r['time/sync']:.1f} s" if "sync/canary_mean_abs" in r else "") for r in recs)
+    bad = [f"step {r['step']}: non-finite {k}" for r in recs for k in ("loss/pg", "grad_norm")
+           if not math.isfinite(r[k])]
+    if checksums_match(sums[0], sums[1]):
+        bad.append("the weights did not change in step 2")
+    return Check("training steps", FAIL if bad else PASS, fig + ("; " + "; ".join(bad) if bad else ""),
+                 "lower optim.lr, check the rewards (reward/*/errors) and model.dtype" if bad else "")
+
+
+def memory_check(run: RunState, device: str, budget: float, predicted: Plan) -> Check:
+    """The measured peak per device (the largest over the ranks) against the plan's prediction and the budget."""
+    from grpo.runtime import collectives as coll
+    from grpo.runtime.tracking import peak_memory_gib
+
+    measured = coll.all_max([peak_memory_gib(run.device)])[0]
+    over = measured > MEMORY_SLACK * predicted.peak_gib or measured > budget
+    return Check("memory", FAIL if over else PASS,
+                 f"measured peak {measured:.2f} GiB per device ({'torch allocator' if device == 'cuda' else 'RSS'})"
+                 f", predicted {predicted.peak_gib:.2f} GiB ({measured / predicted.peak_gib - 1:+.0%}), "
+                 f"budget {budget:.1f} GiB",
+                 "grpo plan underestimates this recipe: leave headroom (smaller optim.micro_batch_size) and "
+                 "report this table" if over else "")
+
+
+def checkpoint_check(run: RunState, saved: Path, save_s: float, step1: Checksum) -> Check:
+    """Step 1's checkpoint loaded back after step 2 changed the weights: their checksum must be `step1` again."""
+    from grpo.runtime import checkpoint as ckpt
+    from grpo.runtime import collectives as coll
+    from grpo.runtime.weights import checksums_match, model_checksum
+
+    engine, rank = run.policy, run.rank
+    t0 = time.perf_counter()
+    try:
+        ckpt.load(engine, saved, rank, run.world)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed and torch raise many types for unreadable files
+        return Check("checkpoint", FAIL, f"step 1 saved in {save_s:.1f} s; loading it failed: "
+                     f"{type(e).__name__}: {e}", "check the output_dir's filesystem (space, permissions)")
+    load_s = time.perf_counter() - t0
+    back = model_checksum(engine.module, engine.zero_optimization_stage() == 3)
+    ok = checksums_match(back, step1)
+    size = coll.all_sum([_du(saved) if rank == 0 else 0.0])[0]
+    return Check("checkpoint", PASS if ok else FAIL,
+                 f"step 1 saved in {save_s:.1f} s ({size:.2f} GiB), loaded in {load_s:.1f} s after step 2: "
+                 + ("weights restored exactly" if ok else f"weights differ: sum {back[0]!r} vs {step1[0]!r}"),
+                 "" if ok else "the checkpoint does not restore the weights: report this table")
 
 
 def doctor(recipe: str, overrides: list[str], memory_gib: float | None = None, keep: bool = False,

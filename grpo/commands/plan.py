@@ -169,10 +169,29 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
     s = model_shape(cfg.model.path)
     b = BYTES[cfg.model.dtype]
     P = s.params()
-    z = cfg.deepspeed.zero_stage
     n = max(gpus, 1)
-    mixed = cfg.model.dtype != "float32"
     sft = phase == "sft"
+    t = _state_terms(cfg, s, b, n, device, sft)
+    if sft:  # packed sequences of up to sft.max_length tokens: no padding, no prompt sharing, no generation
+        m = min(cfg.optim.micro_batch_size, max(1, cfg.sft.batch_size // n))
+        _update_terms(cfg, s, b, m * cfg.sft.max_length, t)
+        return _finish(cfg, t, n, P, memory_gib, device, 0.0, cpu_reserve_gib)
+    prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
+    seq = prompt + cfg.rollout.max_new_tokens
+    _rollout_update_terms(cfg, s, b, prompt, device, t)
+    gen_extra = _generation_terms(cfg, s, b, seq, memory_gib, device, t)
+    p = _finish(cfg, t, n, P, memory_gib, device, gen_extra, cpu_reserve_gib)
+    if cfg.rollout.engine == "vllm" and device == "cuda" and memory_gib:
+        p.advice += _vllm_kv_cache_advice(cfg, s, b, n, seq, t)
+    return p
+
+
+def _state_terms(cfg: Config, s: Shape, b: int, n: int, device: str, sft: bool) -> dict[str, float]:
+    """The terms held for the whole run, per device: weights, gradients and optimizer states as the ZeRO stage
+    shards them (LoRA: only the adapters train), the reference model, ZeRO-3's start-up buffers."""
+    P = s.params()
+    z = cfg.deepspeed.zero_stage
+    mixed = cfg.model.dtype != "float32"
     t: dict[str, float] = {}
     lc = cfg.model.lora
     A = lora_params(s, lc.r, lc.target_modules) if lc.r else P  # what the optimizer trains (LoRA: the adapters)
@@ -193,11 +212,12 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
         t["zero-3 reduce bucket"] = min(5e8, P) * b
         if device == "cpu":  # the model is loaded whole, then partitioned: RSS keeps the high-water mark
             t["model load before partitioning"] = P * b
-    if sft:  # packed sequences of up to sft.max_length tokens: no padding, no prompt sharing, no generation
-        m = min(cfg.optim.micro_batch_size, max(1, cfg.sft.batch_size // n))
-        _update_terms(cfg, s, b, m * cfg.sft.max_length, t)
-        return _finish(cfg, t, n, P, memory_gib, device, 0.0, cpu_reserve_gib)
-    prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
+    return t
+
+
+def _rollout_update_terms(cfg: Config, s: Shape, b: int, prompt: int, device: str, t: dict[str, float]) -> None:
+    """What one micro-batch of rollouts adds while it trains: `_update_terms` for its tokens (the prefix layout
+    runs each distinct prompt once) and, with that layout, its attention's gathered keys/values and mask."""
     new = cfg.rollout.max_new_tokens
     seq = prompt + new
     m = cfg.optim.micro_batch_size
@@ -212,15 +232,27 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
         kv = s.kv_dim if device == "cpu" else s.hidden  # CUDA expands grouped kv heads for the masked kernel
         work = b * (2 * m * seq * kv + 2 * m * new * s.hidden) + m * new * seq * (1 + b)
         t["prefix attention"] = work * (1 if ckpt else s.layers)
-    kv_token = 2 * s.layers * s.kv_dim * b
+
+
+def _kv_token_bytes(s: Shape, b: int) -> int:
+    """The KV cache of one token: keys and values of every layer."""
+    return 2 * s.layers * s.kv_dim * b
+
+
+def _generation_terms(cfg: Config, s: Shape, b: int, seq: int, memory_gib: float | None, device: str,
+                      t: dict[str, float]) -> float:
+    """The rollout engine's terms while it samples sequences of `seq` tokens; returns their sum, what the
+    generation phase adds to the terms held for the whole run."""
+    P = s.params()
     if cfg.rollout.engine == "vllm" and device == "cuda":
         t["colocated vLLM (while sampling)"] = cfg.rollout.vllm.gpu_memory_utilization * (memory_gib or 0) * GIB
         gen_extra = t["colocated vLLM (while sampling)"]
     elif cfg.rollout.engine == "hf":
         batch = cfg.rollout.generation_batch_size
-        t["HF generation (KV cache + scores)"] = batch * seq * kv_token + 4 * batch * s.vocab * 4
+        t["HF generation (KV cache + scores)"] = batch * seq * _kv_token_bytes(s, b) + 4 * batch * s.vocab * 4
         gen_extra = t["HF generation (KV cache + scores)"]
-        if z == 3:  # grpo.rollout gathers the whole model once per generate call, into new full-size tensors
+        if cfg.deepspeed.zero_stage == 3:
+            # grpo.rollout gathers the whole model once per generate call, into new full-size tensors
             t["gathered weights to generate"] = P * b
             gen_extra += t["gathered weights to generate"]
     else:  # server mode, or vLLM on CPU (its own KV cache size)
@@ -229,15 +261,19 @@ def plan(cfg: Config, gpus: int, memory_gib: float | None, prompt_tokens: int | 
                      if cfg.rollout.engine == "vllm" else 0.0)
         if gen_extra:
             t["colocated vLLM (weights x2 + KV cache + runtime)"] = gen_extra
-    p = _finish(cfg, t, n, P, memory_gib, device, gen_extra, cpu_reserve_gib)
-    if cfg.rollout.engine == "vllm" and device == "cuda" and memory_gib:
-        kv_room = t["colocated vLLM (while sampling)"] - P * b
-        want = cfg.rollout.prompts_per_step * cfg.rollout.num_generations / n * seq * kv_token
-        if kv_room < want:
-            p.advice.append(f"vLLM's KV cache ({max(kv_room, 0) / GIB:.1f} GiB) holds less than a step's "
-                            f"sequences ({want / GIB:.1f} GiB): it will generate in several waves (slower, not an "
-                            "error)")
-    return p
+    return gen_extra
+
+
+def _vllm_kv_cache_advice(cfg: Config, s: Shape, b: int, n: int, seq: int, t: dict[str, float]) -> list[str]:
+    """Colocated vLLM on GPU: a note when the KV cache left beside its weights holds less than a step's sequences
+    (it then generates in several waves)."""
+    kv_room = t["colocated vLLM (while sampling)"] - s.params() * b
+    want = cfg.rollout.prompts_per_step * cfg.rollout.num_generations / n * seq * _kv_token_bytes(s, b)
+    if kv_room < want:
+        return [f"vLLM's KV cache ({max(kv_room, 0) / GIB:.1f} GiB) holds less than a step's "
+                f"sequences ({want / GIB:.1f} GiB): it will generate in several waves (slower, not an "
+                "error)"]
+    return []
 
 
 def _update_terms(cfg: Config, s: Shape, b: int, tokens: int, t: dict[str, float]) -> None:
