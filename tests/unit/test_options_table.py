@@ -3,15 +3,13 @@ cannot drift from the code, and every TRL GRPOConfig name it lists exists in the
 
 import dataclasses
 import importlib.util
-from pathlib import Path
 
 import pytest
 
 from grpo.config import TRL_NAMES
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit
-
-ROOT = Path(__file__).resolve().parents[1]
 
 spec = importlib.util.spec_from_file_location("options_table", ROOT / "scripts" / "options_table.py")
 options_table = importlib.util.module_from_spec(spec)

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
+
 pytestmark = pytest.mark.unit
 
-GRPO = Path(__file__).resolve().parents[1] / "grpo"
+GRPO = ROOT / "grpo"
 # Higher imports lower, never the reverse. rollout sits above runtime: its engines use the runtime's collectives,
 # weights and model loading; the runtime never generates.
 LAYERS = {"__main__": 6, "vllm_plugin": 6, "commands": 5, "loop": 4, "rollout": 3, "runtime": 2, "algo": 1,

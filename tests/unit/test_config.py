@@ -1,15 +1,14 @@
 import pickle
-from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import BaseModel
 
 from grpo.config import Config, ConfigError, DataConfig, OptimConfig, load_config, to_dict
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
