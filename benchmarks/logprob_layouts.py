@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/logprob_layouts.py [--reps 2] [--lengths varied]
 
 `prefix` runs each prompt once per micro-batch, in one flat stream with its group's completions; `padded` and
-`packed` run every sequence whole. All three give the same logprobs and gradients (tests/test_logprobs.py).
+`packed` run every sequence whole. All three give the same logprobs and gradients (tests/unit/algo/test_logprobs.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The Markdown table of every configuration option, generated from grpo/config.py's models: section, dotted key,
 type (with its constraints), default, description, and TRL GRPOConfig's name for the same setting (grpo.config's
 TRL_NAMES). docs/recipes.md holds it between `<!-- options:start -->` and `<!-- options:end -->`;
-tests/test_options_table.py fails when the two differ.
+tests/unit/test_options_table.py fails when the two differ.
 
     python scripts/options_table.py            # print the table
     python scripts/options_table.py --write    # rewrite docs/recipes.md's block in place

@@ -1,8 +1,8 @@
-"""Worker for tests/test_precision.py::test_two_ranks_average_bf16_gradient_sums_in_fp32 (run by torchrun): a bf16
-model on two ranks under BF16_Optimizer (every bf16 recipe), two micro-batches a step, different data per rank.
+"""Worker for tests/integration/test_precision.py::test_two_ranks_average_bf16_gradient_sums_in_fp32 (run by torchrun):
+a bf16 model on two ranks under BF16_Optimizer (every bf16 recipe), two micro-batches a step, different data per rank.
 At the step's all-reduce each rank records its fp32 gradient sums, gathers both ranks' (all_gather: a different
-collective from the one under test) and checks that the averaged sums are their exact fp32 mean. DeepSpeed's
-default casts them to bf16 for the all-reduce, which is off by up to 2^-9 of each value."""
+collective from the one under test) and checks that the averaged sums are their exact fp32 mean. DeepSpeed's default
+casts them to bf16 for the all-reduce, which is off by up to 2^-9 of each value."""
 
 import os
 import sys

@@ -4,6 +4,7 @@ Test modules import from here, never from each other. Recipes and overrides name
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -98,6 +99,77 @@ def execute_notebook(run_dir: Path) -> list:
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
+# ------------------------------------------------------------------ shared by a module's unit and integration halves
+
+def chat_completion(texts: list[str], finish: str = "stop") -> dict:
+    """An OpenAI chat completion's body with one choice per text (the test_distill modules)."""
+    return {"choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish}
+                        for i, t in enumerate(texts)]}
+
+
+@contextlib.contextmanager
+def scripted_endpoint(script):
+    """A local HTTP endpoint answering each POST with the next scripted action: (status, body, headers), or
+    "drop" (close the connection without an answer). Yields (base URL, the request bodies received)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict] = []
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                action = script(len(seen) - 1, body)
+            if action == "drop":
+                self.close_connection = True
+                self.connection.close()
+                return
+            status, payload, headers = action
+            raw = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    finally:
+        server.shutdown()
+
+
+SFT_SYSTEM = {"role": "system", "content": "Answer with the final number only."}
+
+
+def sft_rows(n: int = 12) -> list[dict]:
+    """Conversational SFT rows (the test_sft modules)."""
+    return [{"prompt": [SFT_SYSTEM, {"role": "user", "content": f"Calculate {i} + 1."}],
+             "completion": [{"role": "assistant", "content": str(i + 1)}]} for i in range(n)]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+class RewardSpec:
+    """A reward's entry in a config's `rewards` list, as `rewards.runner.build_rewards` reads it (the test_peers
+    modules)."""
+
+    def __init__(self, name, args=None, init=None, weight=1.0):
+        self.name, self.args, self.init, self.weight = name, args or {}, init or {}, weight
+
+
 # ------------------------------------------------------------------ rewards named by recipes in tests (by path)
 
 def needs_tests(completions, tests, **_):
@@ -141,7 +213,7 @@ def _returns(value):
     return reward
 
 
-# Broken rewards (tests/test_peers.py): each must count as an error, never as a zero.
+# Broken rewards (tests/integration/test_peers.py): each must count as an error, never as a zero.
 bad_length = _returns(lambda c: [1.0] * (len(c) + 1))
 not_a_number = _returns(lambda c: ["1.0"] * len(c))
 raises = _returns(lambda c: [1 / 0 for _ in c])

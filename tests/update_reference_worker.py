@@ -1,5 +1,5 @@
-"""Worker for tests/test_update_reference.py (run by torchrun, 1 or 2 ranks, any ZeRO stage): `grpo.loop.update.update`
-on hand-built groups against an independent float64 reference of the objective's gradient.
+"""Worker for tests/integration/test_update_reference.py (run by torchrun, 1 or 2 ranks, any ZeRO stage):
+`grpo.loop.update.update` on hand-built groups against an independent float64 reference of the objective's gradient.
 
 Four prompts x three completions of 1 to 9 tokens (one completion with a NaN total, one group with zero advantage),
 micro-batches of 3 sequences holding different token counts, 4-token vocabulary chunks, temperature 0.8 and a

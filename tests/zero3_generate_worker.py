@@ -1,6 +1,6 @@
-"""Worker for tests/test_zero_multiprocess.py::test_zero3_generation_with_ranks_stopping_apart (run by torchrun):
-two ZeRO-3 ranks generate with the HF engine, rank 0's completions ending after 2 tokens and rank 1's after 24, then
-rank 0 has no prompts at all (a held-out split that does not divide), then both train one step."""
+"""Worker for tests/integration/test_zero_multiprocess.py::test_zero3_generation_with_ranks_stopping_apart (run by
+torchrun): two ZeRO-3 ranks generate with the HF engine, rank 0's completions ending after 2 tokens and rank 1's after
+24, then rank 0 has no prompts at all (a held-out split that does not divide), then both train one step."""
 
 import os
 import sys

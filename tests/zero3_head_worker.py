@@ -1,9 +1,9 @@
-"""Worker for tests/test_zero_multiprocess.py::test_zero3_logprobs_with_uneven_chunks (run by torchrun): two ZeRO-3
-ranks compute completion logprobs with a 4-token vocabulary chunk, rank 0 on one short completion (1 chunk) and
+"""Worker for tests/integration/test_zero_multiprocess.py::test_zero3_logprobs_with_uneven_chunks (run by torchrun): two
+ZeRO-3 ranks compute completion logprobs with a 4-token vocabulary chunk, rank 0 on one short completion (1 chunk) and
 rank 1 on two long ones (15 chunks), then back-propagate and step, twice. Each rank then checks the values and the
-global gradient norm against the plain computation on an unsharded copy of the model, which it can do alone since
-both ranks' sequences are fixed: DeepSpeed averages the ranks' gradients, so the reference is the mean of the two
-ranks' losses."""
+global gradient norm against the plain computation on an unsharded copy of the model, which it can do alone since both
+ranks' sequences are fixed: DeepSpeed averages the ranks' gradients, so the reference is the mean of the two ranks'
+losses."""
 
 import os
 import sys

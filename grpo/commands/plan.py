@@ -20,7 +20,7 @@ On CPU the generation phase's memory stays counted during the update: RSS is a h
 freed memory.
 
 The peak is the larger of the generation phase and the update phase. Checked against the measured peak of the
-embedded model on CPU in tests/test_embedded.py; the figures are in docs/memory.md (dates and commits in
+embedded model on CPU in tests/integration/test_embedded.py; the figures are in docs/memory.md (dates and commits in
 docs/benchmarks.md).
 """
 

@@ -1,9 +1,9 @@
 """Every collective of the training ranks, in one place, on the device the backend takes.
 
-NCCL's default group takes CUDA tensors only: an all-reduce of a CPU tensor fails with "No backend type associated
-with device type cpu" (gloo, on CPU, takes CPU tensors). So the small values the loop agrees on (sums of
-statistics, a stop flag, a checkpoint verdict) are put on `backend_device()` before the collective and read back
-after it. `tests/test_collectives.py` checks that no other module calls a `torch.distributed` collective directly.
+NCCL's default group takes CUDA tensors only: an all-reduce of a CPU tensor fails with "No backend type associated with
+device type cpu" (gloo, on CPU, takes CPU tensors). So the small values the loop agrees on (sums of statistics, a stop
+flag, a checkpoint verdict) are put on `backend_device()` before the collective and read back after it.
+`tests/unit/runtime/test_collectives.py` checks that no other module calls a `torch.distributed` collective directly.
 (The weight broadcast to vLLM servers runs on its own process group with its own device rules:
 `grpo/rollout/transfer/`.)
 """

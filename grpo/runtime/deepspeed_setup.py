@@ -120,11 +120,11 @@ def forward_in_engine(engine, fn: Callable[[torch.nn.Module], torch.Tensor]) -> 
 
     Why: the trainer computes logprobs with the model's body and head itself (no full-vocabulary logits), but the
     engine's forward is where DeepSpeed opens a micro-step, and skipping it broke ZeRO-3 silently: its
-    gradient-accumulation counter only advances there, so every micro-batch's gradient overwrote the previous
-    one's and only the last micro-batch of a step trained (tests/test_update_reference.py). The engine's forward
-    also resets ZeRO-3's parameter-fetch trace and hooks the output for the backward's prologue. The module's
-    forward is swapped for the call only, so all of the engine's and the module's hooks run as DeepSpeed expects.
-    `fn` returns one tensor: every output DeepSpeed wraps should take part in the backward."""
+    gradient-accumulation counter only advances there, so every micro-batch's gradient overwrote the previous one's and
+    only the last micro-batch of a step trained (tests/integration/test_update_reference.py). The engine's forward also
+    resets ZeRO-3's parameter-fetch trace and hooks the output for the backward's prologue. The module's forward is
+    swapped for the call only, so all of the engine's and the module's hooks run as DeepSpeed expects. `fn` returns one
+    tensor: every output DeepSpeed wraps should take part in the backward."""
     module = engine.module
     own = module.__dict__.get("forward")
     module.forward = lambda: fn(module)

@@ -1,6 +1,6 @@
 """A user's reward file written the way TRL's and open-r1's rewards are (our own code, their conventions): keyword
 arguments, `completions` as lists of messages for conversational data, the data set's columns by name, `**kwargs`.
-Used by tests/test_peers.py in a real run of the embedded model."""
+Used by tests/unit/rewards/test_peers.py, and by tests/integration/test_peers.py in a real run of the embedded model."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The benchmark scripts stay runnable: each on a tiny configuration (figures are not asserted; they are measured
-by running the scripts, see docs/benchmarks.md)."""
+by running the scripts, see docs/benchmarks.md). (Their arithmetic by hand:
+tests/unit/benchmarks/test_benchmarks.py.)"""
 
 from __future__ import annotations
 
@@ -38,18 +39,6 @@ def test_train_phase_runs_both_paths(tmp_path, lengths):
     # 64, a vocabulary of 4096: the two implementations differ in the order of fp32 sums only, about 1e-6 relative
     # on any CPU's kernels; a different loss or normaliser is off by far more than 1e-4
     assert abs(res["ours"]["grad_norm"] - res["trl"]["grad_norm"]) <= 1e-4 * res["trl"]["grad_norm"]
-
-
-@pytest.mark.unit
-def test_train_phase_model_flops_by_hand():
-    """1 layer, hidden 2, 10 parameters; one prompt of 2 tokens with completions of 1 and 2 tokens, one
-    micro-batch. TRL: 6*10*3 + 12*2*9/2 = 288 and 6*10*4 + 12*2*16/2 = 432. Ours: 6*10*(2+3) = 300 for the
-    tokens, and 24 x (4/2 + (1*2 + 1/2) + (2*2 + 4/2)) = 252 for attention."""
-    from benchmarks.train_phase import model_flops
-
-    assert model_flops(10, 1, 2, 2, [1, 2], 2, 2) == {"trl": 720, "ours": 552}
-    # micro-batches of 1: the prompt runs twice, 2 x (6*10*2 + 24*2) more than once
-    assert model_flops(10, 1, 2, 2, [1, 2], 2, 1)["ours"] == 552 + 6 * 10 * 2 + 24 * 2
 
 
 def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slurm,
 
 def dry_run(nodes: str, gpus: int | None, **env: str) -> subprocess.CompletedProcess:
     # scontrol reads a slurm.conf even to expand a host list: a minimal one, so these tests need no running
-    # cluster (before, they passed only after tests/test_slurm.py had written /etc/slurm/slurm.conf)
+    # cluster (before, they passed only after tests/integration/test_slurm.py had written /etc/slurm/slurm.conf)
     conf = Path(tempfile.gettempdir()) / "grpo-dry-run-slurm.conf"
     conf.write_text("ClusterName=dryrun\nSlurmctldHost=localhost\n")
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GRPO_", "CUDA_VISIBLE"))}

@@ -1,6 +1,5 @@
-"""`grpo sft`: TRL's data formats tokenized as `grpo train` renders prompts, bad rows named at start-up, the loss
-equal to transformers' own cross-entropy on the completion tokens, and a real run that learns, exports and
-resumes."""
+"""`grpo sft`: the loss equal to transformers' own cross-entropy on the completion tokens, and a real run that
+learns, exports and resumes. (Tokenization and bad rows: tests/unit/loop/test_sft.py.)"""
 
 from __future__ import annotations
 
@@ -11,71 +10,7 @@ import sys
 
 import pytest
 
-from grpo.config import ConfigError, load_config
-from tests.helpers import RECIPE, ROOT, metrics, tiny_overrides
-
-SYSTEM = {"role": "system", "content": "Answer with the final number only."}
-
-
-def _rows(n: int = 12) -> list[dict]:
-    return [{"prompt": [SYSTEM, {"role": "user", "content": f"Calculate {i} + 1."}],
-             "completion": [{"role": "assistant", "content": str(i + 1)}]} for i in range(n)]
-
-
-def _write(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.mark.unit
-def test_formats_tokenize_like_training_prompts(tokenizer):
-    """A conversational prompt's ids are those `grpo train` samples from (grpo.data.render with the same
-    messages); the completion is the assistant's text and the end-of-turn token, nothing after it. Text
-    prompts get EOS after the completion; `messages` takes its last (assistant) turn as the completion."""
-    from grpo.data import render
-    from grpo.loop.sft import tokenize_row
-
-    cfg = load_config(RECIPE, [])
-    row = _rows(1)[0]
-    p, c = tokenize_row(row, 0, tokenizer)
-    rendered = render([{"prompt_id": "x", "question": "Calculate 0 + 1.", "answer": "1"}], cfg.data, tokenizer)
-    assert p == rendered.rows[0]["prompt_ids"]
-    assert tokenizer.decode(c) == "1<|im_end|>" and c[-1] == tokenizer.eos_token_id
-    p2, c2 = tokenize_row({"messages": row["prompt"] + row["completion"]}, 0, tokenizer)
-    assert (p2, c2) == (p, c)
-    p3, c3 = tokenize_row({"prompt": "2 + 2 =", "completion": " 4"}, 0, tokenizer)
-    assert tokenizer.decode(p3) == "2 + 2 =" and c3 == tokenizer(" 4", add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id]
-    with pytest.raises(ConfigError, match=r"sft.data: row 3 has neither 'prompt' and 'completion' nor 'messages'"):
-        tokenize_row({"text": "x"}, 3, tokenizer)
-    with pytest.raises(ConfigError, match="row 5: 'messages' must end with an assistant turn"):
-        tokenize_row({"messages": row["prompt"]}, 5, tokenizer)
-
-
-@pytest.mark.unit
-def test_bad_rows_fail_at_start_up_by_number(tmp_path, tokenizer):
-    from grpo.loop.sft import load_examples
-
-    rows = _rows(6)
-    rows[2]["completion"] = ""  # a text completion after a conversational prompt renders to the end-of-turn only
-    rows[4]["completion"] = [{"role": "assistant", "content": "9 " * 300}]
-    data = _write(tmp_path / "d.jsonl", rows)
-    long = r"rows longer than sft.max_length=200 \(prompt \+ completion\): 4 \(\d+ tokens\);"
-    with pytest.raises(ConfigError, match=long):
-        load_examples(load_config(RECIPE, [f"sft.data={data}", "sft.max_length=200"]), tokenizer)
-    text = _write(tmp_path / "t.jsonl", [{"prompt": "1 + 1 =", "completion": "2"}, {"prompt": "x", "completion": ""}])
-    ex = load_examples(load_config(RECIPE, [f"sft.data={text}"]), tokenizer)
-    assert [len(e.completion_ids) for e in ex] == [2, 1]  # "2" + EOS; "" + EOS: EOS is still a target
-    with pytest.raises(ConfigError, match="sft.data: .*missing.jsonl is neither a save_to_disk folder"):
-        load_examples(load_config(RECIPE, [f"sft.data={tmp_path / 'missing.jsonl'}"]), tokenizer)
-    assert tokenizer("")["input_ids"] == []  # SmolLM2 adds no BOS: an empty text prompt has no tokens at all
-    blank = _write(tmp_path / "b.jsonl", [{"prompt": "1 + 1 =", "completion": "2"}, {"prompt": "", "completion": "2"}])
-    with pytest.raises(ConfigError, match="rows whose prompt has no tokens .*: 1$"):
-        load_examples(load_config(RECIPE, [f"sft.data={blank}"]), tokenizer)
-    empty = _write(tmp_path / "e.jsonl", [{"prompt": [SYSTEM], "completion": []}])
-    with pytest.raises(ConfigError, match="completion"):
-        load_examples(load_config(RECIPE, [f"sft.data={empty}"]), tokenizer)
-
+from tests.helpers import RECIPE, ROOT, metrics, sft_rows, tiny_overrides, write_jsonl
 
 LOSS_SCRIPT = r"""
 import json, os, socket, sys
@@ -116,7 +51,7 @@ print("RESULT", json.dumps({{"rec": rec, "want": want / n, "n": n,
 def test_loss_is_transformers_cross_entropy_on_completions(tmp_path, tiny_model_dir):
     """The packed, chunked loss of one step (two micro-batches) equals transformers' own loss (labels -100 on the
     prompt tokens), taken one sequence at a time, weighted by completion tokens: an independent route."""
-    data = _write(tmp_path / "d.jsonl", _rows(6))
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows(6))
     script = tmp_path / "loss.py"
     script.write_text(LOSS_SCRIPT.format(root=str(ROOT), recipe=str(RECIPE)))
     p = subprocess.run([sys.executable, str(script), str(tiny_model_dir), data], capture_output=True, text=True,
@@ -143,10 +78,10 @@ def test_sft_run_learns_exports_and_resumes(tmp_path, tiny_model_dir):
     """Two epochs over 12 rows (6 steps of 4) on the tiny model, every answer the same (learnable in a few
     steps): the loss falls, final/ loads, a second command with more epochs resumes from the checkpoint instead
     of starting over; a changed batch size is refused by name."""
-    rows = _rows(12)
+    rows = sft_rows(12)
     for r in rows:
         r["completion"][0]["content"] = "42"
-    data = _write(tmp_path / "d.jsonl", rows)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
     run = tmp_path / "run"
     base = tiny_overrides(tiny_model_dir, run, **{"sft.data": data, "sft.batch_size": 4, "sft.epochs": 2,
                                                  "optim.lr": 1e-2, "checkpoint.every": 2})

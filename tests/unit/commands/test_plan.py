@@ -1,11 +1,8 @@
 """`grpo plan`: parameter counts against published figures, the ZeRO sharding of each term by hand, the advice, and
-the CLI. (The prediction against a measured peak: tests/test_embedded.py.)"""
+the shipped recipes. (The CLI and the embedded model's real count: tests/integration/test_plan.py; the
+prediction against a measured peak: tests/integration/test_embedded.py.)"""
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import pytest
 
@@ -21,14 +18,6 @@ from tests.helpers import RECIPE, ROOT
 @pytest.mark.unit
 def test_parameter_counts_match_published_figures(name, count):
     assert model_shape(name).params() == count
-
-
-@pytest.mark.integration  # loads the embedded model
-def test_parameter_count_matches_the_real_embedded_model(embedded_dir):
-    from grpo.runtime.model import load_model
-
-    real = sum(p.numel() for p in load_model(str(embedded_dir), "float32").parameters())
-    assert model_shape(str(embedded_dir)).params() == real
 
 
 def _cfg(*over):
@@ -192,21 +181,6 @@ def test_bf16_at_stage_0_shards_optimizer_states_as_stage_1():
     assert not any("offload_optimizer" in a for a in two.advice)  # deepspeed_setup.ds_config offloads at stage >= 1
     fp32 = load_config(RECIPE, [*over, "model.dtype=float32"])
     assert plan(fp32, 2, 80).terms_gib["optimizer states"] == pytest.approx(1_543_714_304 * 8 / GIB, rel=1e-3)
-
-
-@pytest.mark.integration
-def test_cli(tmp_path):
-    args = [sys.executable, "-m", "grpo", "plan", str(RECIPE), "model.path=Qwen/Qwen2.5-1.5B-Instruct",
-            "model.dtype=bfloat16"]
-    ok = subprocess.run([*args, "--gpu-memory", "80", "--json"], capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["fits"] is True
-    bad = subprocess.run([*args, "optim.micro_batch_size=64", "--gpu-memory", "8"], capture_output=True, text=True,
-                         cwd=ROOT)
-    assert bad.returncode == 1 and "does NOT fit" in bad.stdout and "gradient_checkpointing" in bad.stdout
-    missing = subprocess.run([sys.executable, "-m", "grpo", "plan", str(RECIPE), "model.path=/nonexistent/model"],
-                             capture_output=True, text=True, cwd=ROOT)
-    assert missing.returncode == 2 and "model.path" in missing.stderr
 
 
 @pytest.mark.parametrize("recipe,gpus,memory,phase", [

@@ -181,7 +181,7 @@ def test_last_answer_tag_agrees_with_the_regex():
 
 
 def test_missing_bubblewrap_refuses(monkeypatch):
-    """Without bubblewrap the sandbox refuses to run code (tests/test_sandbox.py runs it for real)."""
+    """Without bubblewrap the sandbox refuses to run code (tests/integration/test_sandbox.py runs it for real)."""
     import shutil
 
     from rewards.sandbox import SandboxUnavailable, check_available

@@ -1,7 +1,7 @@
 """Units of the vLLM engines that need no running vLLM: the `vllm serve` command `grpo serve` builds, the client's
-reading of OpenAI-compatible completions, the colocated engine handing CUDA's cached memory back before vLLM
-wakes, the sync's checksums, and the client's deadline on a server that never answers. (tests/test_vllm.py runs
-the real servers.)"""
+reading of OpenAI-compatible completions, the colocated engine handing CUDA's cached memory back before vLLM wakes, the
+sync's checksums, and the client's deadline on a server that never answers. (tests/integration/test_vllm.py runs the
+real servers.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The final model's folder: model card, hub push set-up, hub loading options (the export itself is checked in
-tests/test_zero_multiprocess.py against DeepSpeed's own consolidation)."""
+tests/integration/test_zero_multiprocess.py against DeepSpeed's own consolidation)."""
 
 from __future__ import annotations
 
