@@ -32,7 +32,7 @@ class Group:
 
 @dataclass
 class Rollouts:
-    """What `collect` produced for one step on this rank."""
+    """What the rollout source produced for one step on this rank."""
 
     groups: list[Group]
     rounds: int  # sampling rounds (more than one only with dynamic sampling)

@@ -23,7 +23,7 @@ from grpo.config import ConfigError
 from grpo.runtime import collectives as coll
 from grpo.runtime import lora
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("grpo.checkpoint")  # the name its lines have always carried
 _STEP_DIR = re.compile(r"step-(\d+)$")
 MARKER = "COMPLETE"
 
