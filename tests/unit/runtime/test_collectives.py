@@ -46,6 +46,12 @@ def test_backend_device_follows_the_backend(monkeypatch):
 
 @pytest.fixture
 def gloo_group(tmp_path):
+    """A one-rank default group. An in-process vLLM engine (tests/integration/test_vllm.py, earlier in the same
+    xdist worker) leaves its own one-rank group as the default, never destroyed: the test then runs on that one."""
+    if dist.is_initialized():
+        assert dist.get_world_size() == 1 and dist.get_backend() == "gloo", (dist.get_world_size(), dist.get_backend())
+        yield
+        return
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
