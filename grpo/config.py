@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -190,9 +190,24 @@ class RolloutConfig(_Section):
     async_pause: Literal["keep", "abort"] = Field("keep", description="async: requests in flight during a weight "
                                                   "update are kept (finish on the new weights) or aborted and resent")
     vllm: VLLMConfig = Field(VLLMConfig(), description="the vLLM engines")
+    tools: list[Str] = Field([], description="tools the model may call while it writes: calculator, python, or "
+                             "module:function (a typed function with a docstring, as TRL takes them); []: one turn")
+    tool_format: Literal["inline"] = Field("inline", description="inline: `<name>arguments</name>`, answered by "
+                                           "`<result>output</result>` in the same turn (templates without tool "
+                                           "support)")
+    max_turns: int = Field(4, ge=1, validation_alias=AliasChoices("max_turns", "max_tool_calling_iterations"),
+                           description="tool calls answered per completion (TRL: max_tool_calling_iterations)")
+    tool_timeout: Num = Field(5.0, gt=0, description="seconds per tool call, in a killable worker; past it the model "
+                              "reads an error")
+    max_tool_output_tokens: int = Field(64, gt=0, description="a tool's output is cut to this many tokens, its head "
+                                        "and tail kept; max_new_tokens bounds the whole completion, tools included")
+    tool_workers: int = Field(2, gt=0, description="tool worker processes")
 
     @model_validator(mode="after")
     def _check(self) -> RolloutConfig:
+        if self.tools and self.async_:
+            raise _Bad("tools", "does not run with rollout.async yet (tool calls in the background generation are "
+                       "untested); set rollout.async=false")
         if self.async_ and self.engine != "vllm_server":
             raise _Bad("async", "needs rollout.engine=vllm_server (servers generate while the trainer updates)")
         if self.async_ and self.dynamic_sampling:
@@ -428,6 +443,7 @@ TRL_NAMES: dict[str, tuple[str, ...]] = {
     "output_dir": ("output_dir",), "steps": ("max_steps",), "seed": ("seed",),
     "model.gradient_checkpointing": ("gradient_checkpointing",), "rollout.engine": ("use_vllm", "vllm_mode"),
     "rollout.num_generations": ("num_generations",), "rollout.max_new_tokens": ("max_completion_length",),
+    "rollout.max_turns": ("max_tool_calling_iterations",),
     "rollout.temperature": ("temperature",), "rollout.top_p": ("top_p",), "rollout.dynamic_sampling": (),  # DAPO
     "rollout.vllm.gpu_memory_utilization": ("vllm_gpu_memory_utilization",),
     "rollout.vllm.max_model_len": ("vllm_max_model_length",), "rollout.vllm.sleep": ("vllm_enable_sleep_mode",),

@@ -29,6 +29,9 @@ from grpo.algo.prefix_attention import PrefixLayout
 class Sequence:
     prompt_ids: list[int]
     completion_ids: list[int]
+    # 1 where the policy sampled the token, 0 where it was appended (a tool's output): None is all 1. A masked token
+    # is context for the tokens after it but is never predicted, so it is out of every loss term and every count.
+    mask: list[int] | None = None
 
 
 @dataclass
@@ -38,9 +41,9 @@ class MicroBatch:
     position_ids: torch.Tensor | None
     rows: torch.Tensor  # [T] row of the position predicting each completion token
     cols: torch.Tensor  # [T] column of that position (one before the token)
-    targets: torch.Tensor  # [T] completion token ids
+    targets: torch.Tensor  # [T] completion token ids (the sampled ones: masked tokens are not predicted)
     seq_index: torch.Tensor  # [T] which sequence of the micro-batch each token belongs to
-    seq_len: torch.Tensor  # [T] completion length of that sequence
+    seq_len: torch.Tensor  # [T] completion length of that sequence, in sampled tokens
     prefix: PrefixLayout | None = None  # the `prefix` layout's attention structure
 
 
@@ -51,63 +54,80 @@ _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 def build_micro_batch(seqs: list[Sequence], pad_id: int, layout: str = "prefix",
                       device: torch.device | str = "cpu") -> MicroBatch:
-    rows, cols, targets, seq_index, seq_len = [], [], [], [], []
-    prefix = None
-    if layout == "prefix":
-        prompts: dict[tuple[int, ...], int] = {}
-        owner = [prompts.setdefault(tuple(s.prompt_ids), len(prompts)) for s in seqs]
-        flat = [t for p in prompts for t in p]
-        for i, s in enumerate(seqs):
-            c = len(s.completion_ids)
-            flat += s.completion_ids
-            targets += s.completion_ids
-            seq_index += [i] * c
-            seq_len += [c] * c
-        prefix, position_ids, pred = prefix_attention.build_layout([len(p) for p in prompts], owner,
-                                                                   [len(s.completion_ids) for s in seqs], device)
-        rows, cols = [0] * len(pred), pred.tolist()
-        ids = torch.tensor([flat])
-        attention_mask = _NO_MASK.to(device)
-    elif layout == "padded":
-        width = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            full = s.prompt_ids + s.completion_ids
-            ids[i, : len(full)] = torch.tensor(full)
-            mask[i, : len(full)] = 1
-            p, c = len(s.prompt_ids), len(s.completion_ids)
-            rows += [i] * c
-            cols += range(p - 1, p + c - 1)
-            targets += s.completion_ids
-            seq_index += [i] * c
-            seq_len += [c] * c
-        position_ids = None
-        attention_mask = mask.to(device)
-    elif layout == "packed":
-        flat, pos = [], []
-        for i, s in enumerate(seqs):
-            full = s.prompt_ids + s.completion_ids
-            off = len(flat)
-            flat += full
-            pos += range(len(full))
-            p, c = len(s.prompt_ids), len(s.completion_ids)
-            rows += [0] * c
-            cols += range(off + p - 1, off + p + c - 1)
-            targets += s.completion_ids
-            seq_index += [i] * c
-            seq_len += [c] * c
-        ids = torch.tensor([flat])
-        position_ids = torch.tensor([pos], device=device)
-        attention_mask = None
-    else:
+    """The micro-batch of `seqs` in `layout`, with one prediction entry (row, column, target) per completion token
+    in order, or per sampled token where a sequence has a mask."""
+    if layout not in _LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
+    ids, attention_mask, position_ids, rows, cols, prefix = _LAYOUTS[layout](seqs, pad_id, device)
+    targets = [t for s in seqs for t in s.completion_ids]
+    seq_index = [i for i, s in enumerate(seqs) for _ in s.completion_ids]
+    seq_len = [len(s.completion_ids) for s in seqs for _ in s.completion_ids]
+    if any(s.mask is not None for s in seqs):
+        rows, cols, targets, seq_index, seq_len = _sampled_only(seqs, rows, cols, targets, seq_index)
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
     return MicroBatch(ids.to(device), attention_mask, position_ids, t(rows), t(cols), t(targets), t(seq_index),
                       t(seq_len), prefix)
+
+
+def _prefix_layout(seqs: list[Sequence], pad_id: int, device):
+    """One flat stream: each distinct prompt once, then every completion (prefix attention joins them)."""
+    prompts: dict[tuple[int, ...], int] = {}
+    owner = [prompts.setdefault(tuple(s.prompt_ids), len(prompts)) for s in seqs]
+    flat = [t for p in prompts for t in p] + [t for s in seqs for t in s.completion_ids]
+    prefix, position_ids, pred = prefix_attention.build_layout([len(p) for p in prompts], owner,
+                                                               [len(s.completion_ids) for s in seqs], device)
+    return torch.tensor([flat]), _NO_MASK.to(device), position_ids, [0] * len(pred), pred.tolist(), prefix
+
+
+def _padded_layout(seqs: list[Sequence], pad_id: int, device):
+    """One row per sequence, right-padded to the longest."""
+    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols = [], []
+    for i, s in enumerate(seqs):
+        full = s.prompt_ids + s.completion_ids
+        ids[i, : len(full)] = torch.tensor(full)
+        mask[i, : len(full)] = 1
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        rows += [i] * c
+        cols += range(p - 1, p + c - 1)
+    return ids, mask.to(device), None, rows, cols, None
+
+
+def _packed_layout(seqs: list[Sequence], pad_id: int, device):
+    """One row, sequences one after another, position ids restarting per sequence: no padding at all."""
+    flat, pos, rows, cols = [], [], [], []
+    for s in seqs:
+        full = s.prompt_ids + s.completion_ids
+        off = len(flat)
+        flat += full
+        pos += range(len(full))
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        rows += [0] * c
+        cols += range(off + p - 1, off + p + c - 1)
+    return torch.tensor([flat]), None, torch.tensor([pos], device=device), rows, cols, None
+
+
+_LAYOUTS = {"prefix": _prefix_layout, "padded": _padded_layout, "packed": _packed_layout}
+
+
+def _sampled_only(seqs: list[Sequence], rows: list[int], cols: list[int], targets: list[int], seq_index: list[int]
+                  ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """The prediction entries of the sampled tokens only (every layout lists one entry per completion token, in
+    order), and each sequence's length counted in sampled tokens: what the loss normalises by."""
+    keep = [m for s in seqs for m in (s.mask if s.mask is not None else [1] * len(s.completion_ids))]
+    if len(keep) != len(targets):
+        raise ValueError(f"masks cover {len(keep)} tokens, the completions hold {len(targets)}")
+    idx = [j for j, m in enumerate(keep) if m]
+    n = [0] * len(seqs)
+    for j in idx:
+        n[seq_index[j]] += 1
+    return ([rows[j] for j in idx], [cols[j] for j in idx], [targets[j] for j in idx], [seq_index[j] for j in idx],
+            [n[seq_index[j]] for j in idx])
 
 
 class _HeadLogprobs(torch.autograd.Function):

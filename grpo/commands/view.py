@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from grpo.runtime.tracking import SCHEMA_VERSION
+from grpo.runtime.tracking import READABLE_VERSIONS, SCHEMA_VERSION
 
 
 class RunError(ValueError):
@@ -47,9 +47,10 @@ def _read_parquets(folder: Path) -> pd.DataFrame:
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
             raise RunError(f"{f}: unreadable parquet file ({type(e).__name__}: {e})") from None
         versions = set(df["schema_version"].unique()) if "schema_version" in df else {0}
-        if versions != {SCHEMA_VERSION}:
-            raise RunError(f"{f}: records of schema version {sorted(versions)}, this grpo reads version "
-                           f"{SCHEMA_VERSION}; open the run with the grpo version that wrote it")
+        if not versions <= READABLE_VERSIONS:
+            raise RunError(f"{f}: records of schema version {sorted(versions)}, this grpo reads versions "
+                           f"{sorted(READABLE_VERSIONS)} (it writes {SCHEMA_VERSION}); open the run with the grpo "
+                           "version that wrote it")
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

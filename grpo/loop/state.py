@@ -20,6 +20,8 @@ from grpo.data import PromptSet, load_rows, render
 from grpo.loop.update import Learner
 from grpo.rollout.base import RolloutEngine, stop_ids
 from grpo.rollout.hf import HFEngine
+from grpo.rollout.multiturn import ToolRollout
+from grpo.rollout.tools import Tool, load_tool
 from grpo.runtime import lora
 from grpo.runtime.deepspeed_setup import (
     build_policy_engine,
@@ -47,6 +49,7 @@ class RunState:
     rollout: RolloutEngine
     model_path: str
     pool: WorkerPool | None  # reward worker processes (None: scoring.workers = 0)
+    tool_pool: WorkerPool | None = None  # tool worker processes (None: no rollout.tools)
 
     @property
     def policy(self):
@@ -54,8 +57,9 @@ class RunState:
         return self.learner.policy
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
+        for pool in (self.pool, self.tool_pool):
+            if pool is not None:
+                pool.close()
 
 
 def setup(cfg: Config) -> RunState:
@@ -74,8 +78,10 @@ def setup(cfg: Config) -> RunState:
             check_available()
         except SandboxUnavailable as e:
             raise ConfigError(f"rewards: code_tests cannot run: {e}") from None
-    # Scoring workers are spawned before CUDA or the process group exist.
+    tools = load_tools(cfg.rollout.tools)
+    # Scoring and tool workers are spawned (never forked), so they may start after CUDA or the process group exist.
     pool = WorkerPool(cfg.scoring.workers, cfg.scoring.memory_mb) if cfg.scoring.workers > 0 else None
+    tool_pool = WorkerPool(cfg.rollout.tool_workers, cfg.scoring.memory_mb) if tools else None
     rank, world = init_distributed(device)
     shape = cfg.check_batch(world)
     random.seed(cfg.seed + rank)
@@ -108,8 +114,32 @@ def setup(cfg: Config) -> RunState:
     check_lengths(cfg, model, prompts)
     rollout = build_rollout(cfg, engine.module, tok, model_path, device, rank, world, prompts.rows[0]["prompt_ids"],
                             getattr(engine.optimizer, "parameter_offload", None))
+    if tool_pool is not None:
+        rollout = ToolRollout(rollout, tok, tools, cfg.rollout.max_turns, cfg.rollout.tool_timeout,
+                              cfg.rollout.max_tool_output_tokens, tool_pool)
     return RunState(device, rank, world, tok, prompts, held, rewards, Learner(engine, ref, shape, tok.pad_token_id),
-                    rollout, model_path, pool)
+                    rollout, model_path, pool, tool_pool)
+
+
+def load_tools(specs: list[str]) -> list[Tool]:
+    """The recipe's tools, each checked now (a name that does not import fails here, naming the key)."""
+    tools = []
+    for i, spec in enumerate(specs):
+        try:
+            tools.append(load_tool(spec))
+        except ValueError as e:
+            raise ConfigError(f"rollout.tools[{i}]: {e}") from None
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"rollout.tools: two tools share a name ({', '.join(names)}): a call could not say which")
+    if "python" in names:
+        from rewards.sandbox import SandboxUnavailable, check_available
+
+        try:
+            check_available()
+        except SandboxUnavailable as e:
+            raise ConfigError(f"rollout.tools: python cannot run: {e}") from None
+    return tools
 
 
 def _layout_ready(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:

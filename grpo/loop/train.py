@@ -30,7 +30,15 @@ from grpo.loop.update import update
 from grpo.rollout.scoring import Rollouts
 from grpo.rollout.source import SyncSource, rollout_source
 from grpo.runtime import collectives as coll
-from grpo.runtime.tracking import Metrics, Timer, peak_memory_gib, rollout_records, step_metrics, write_records
+from grpo.runtime.tracking import (
+    Metrics,
+    Timer,
+    peak_memory_gib,
+    rollout_records,
+    step_metrics,
+    tool_metrics,
+    write_records,
+)
 
 log = logging.getLogger("grpo")
 
@@ -40,6 +48,8 @@ def log_step(cfg: Config, run: RunState, step: int, ro: Rollouts, upd: dict[str,
     """The step's metrics record (reduced over ranks) and its rollout records (written by rank 0)."""
     groups, names = ro.groups, [r.name for r in run.rewards]
     rec = {"step": step, **step_metrics(groups, names, ro.rounds), **upd}
+    if cfg.rollout.tools:
+        rec.update(tool_metrics(groups))
     counts = coll.sum_named({**{f"reward/{k}/errors": ro.errors[k] for k in names},
                              **{f"reward/{k}/timeouts": ro.timeouts[k] for k in names}, "stale": ro.stale})
     if cfg.rollout.async_:

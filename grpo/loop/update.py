@@ -82,17 +82,18 @@ class Update:
 def build_batch(cfg: Config, learner: Learner, groups: list[Group]) -> Batch:
     """Sequences with their advantages, in the layout's order. The gradient does not depend on the order: `prefix`
     keeps groups together (one prompt forward per group); the others sort by length so micro-batches pad little."""
-    seqs, adv, eng_lp, valid, where = [], [], [], [], []
+    seqs, adv, rollout_lp, valid, where = [], [], [], [], []
     for gi, g in enumerate(groups):
         for ci, (c, a, tot) in enumerate(zip(g.completions, g.advantages, g.total, strict=True)):
-            if not c.ids:  # an empty completion has no token to learn from
+            if not c.sampled():  # a completion without a sampled token has nothing to learn from
                 continue
-            seqs.append(Sequence(c.prompt_ids, c.ids))
+            seqs.append(Sequence(c.prompt_ids, c.ids, c.mask))
             adv.append(a)
-            eng_lp.append(c.logprobs)
+            sampled = c.logprobs if c.mask is None else [x for x, m in zip(c.logprobs, c.mask, strict=True) if m]
+            rollout_lp.append(sampled)  # the engine's logprobs of its sampled tokens (an appended one has none)
             valid.append(not math.isnan(tot))
             where.append((gi, ci))
-    n_tok = sum(len(s.completion_ids) for s, v in zip(seqs, valid, strict=True) if v)
+    n_tok = sum(groups[gi].completions[ci].sampled() for (gi, ci), v in zip(where, valid, strict=True) if v)
     counts = coll.sum_named({"tokens": n_tok, "seqs": sum(valid)})
     layout = cfg.layout()
     order = list(range(len(seqs)))
@@ -104,7 +105,7 @@ def build_batch(cfg: Config, learner: Learner, groups: list[Group]) -> Batch:
     device = learner.policy.device
     micro = [build_micro_batch([seqs[i] for i in ch], learner.pad_id, layout, device) if ch else None
              for ch in chunks]
-    return Batch(seqs, adv, eng_lp, valid, where, chunks, micro, max(counts["tokens"], 1.0),
+    return Batch(seqs, adv, rollout_lp, valid, where, chunks, micro, max(counts["tokens"], 1.0),
                  max(counts["seqs"], 1.0))
 
 
@@ -197,7 +198,7 @@ def update(cfg: Config, learner: Learner, groups: list[Group], timer) -> Update:
                 norm = res.grad_norm if res.grad_norm is not None else norm
                 for j, i in enumerate(batch.chunks[k] if res.logprob_sums is not None else []):
                     gi, ci = batch.where[i]
-                    means[gi][ci] = float(res.logprob_sums[j]) / len(batch.seqs[i].completion_ids)
+                    means[gi][ci] = float(res.logprob_sums[j]) / groups[gi].completions[ci].sampled()
         grad_norm = norm if norm is not None else recorded_grad_norm(learner.policy)
     stats = vars(total)
     mismatch_max = coll.max_named({"mismatch_max": stats.pop("mismatch_max")})["mismatch_max"]

@@ -26,6 +26,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     greedy: bool = False
+    # stop strings (an inline tool call's closing tag): generation ends on the token that completes one, which is
+    # kept; the completion records which one in `stop_reason`
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -36,6 +39,15 @@ class Completion:
     logprobs: list[float]  # engine's sampling logprob of each token (after temperature/top-p)
     finish_reason: str  # "stop" | "length"
     version: int | None = None  # the engine's weight version it was sampled with (server mode; None: current)
+    stop_reason: str | None = None  # the stop string that ended it (None: EOS, or the length limit)
+    # multi-turn: 1 where the engine sampled the token, 0 where a tool's output was appended (its logprob is 0.0
+    # there); None: every token was sampled
+    mask: list[int] | None = None
+    turns: list[dict] | None = None  # multi-turn: per turn its text, tokens, tool, arguments, result, error, seconds
+
+    def sampled(self) -> int:
+        """How many tokens the engine sampled: what the loss and its length normalisation count."""
+        return len(self.ids) if self.mask is None else sum(self.mask)
 
 
 class RolloutEngine(Protocol):
@@ -58,3 +70,24 @@ def stop_ids(tokenizer, model) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def cut_at_stop(ids: list[int], tok, stops: tuple[str, ...]) -> tuple[list[int], str | None]:
+    """`ids` up to and including the token that completes the earliest stop string in their decoded text, and that
+    string; `ids` unchanged and None when none occurs. Decoding is monotone in the token count, so the cut is found
+    by bisection (log2(len) decodes, not one per token)."""
+    if not stops or not ids:
+        return ids, None
+    text = tok.decode(ids, skip_special_tokens=False)
+    found = [(text.find(x) + len(x), x) for x in stops if x in text]
+    if not found:
+        return ids, None
+    end, which = min(found)
+    lo, hi = 1, len(ids)  # the shortest prefix whose text holds the stop string's end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tok.decode(ids[:mid], skip_special_tokens=False)) >= end:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ids[:lo], which

@@ -11,7 +11,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from grpo.rollout.base import Completion, SamplingParams, stop_ids
+from grpo.rollout.base import Completion, SamplingParams, cut_at_stop, stop_ids
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -46,6 +46,8 @@ def generation_config(params: SamplingParams, eos_ids: list[int], pad: int) -> G
     Greedy: no sampling flags at all, since transformers warns at every call (each evaluation) about flags that
     greedy decoding ignores."""
     sampling = {} if params.greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    if params.stop:
+        sampling["stop_strings"] = list(params.stop)
     return GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, eos_token_id=eos_ids,
                             pad_token_id=pad, use_cache=True, **sampling)
 
@@ -139,8 +141,9 @@ class HFEngine:
         procs.append(recorder)
         gen_cfg = generation_config(params, self.eos_ids, pad)
         ids, mask = ids.to(device), mask.to(device)
+        extra = {"tokenizer": self.tok} if params.stop else {}  # transformers matches stop strings on text
         out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                                  logits_processor=procs, past_key_values=self._shared_prefill(ids, mask))
+                                  logits_processor=procs, past_key_values=self._shared_prefill(ids, mask), **extra)
         new = out[:, width:].cpu()
         logps = recorder.finish(new[:, -1].to(device)).cpu() if new.shape[1] else torch.zeros(len(prompts), 0)
         completions = []
@@ -151,8 +154,11 @@ class HFEngine:
                 toks, reason = toks[: stop + 1], "stop"
             else:
                 reason = "length"
+            toks, matched = cut_at_stop(toks, self.tok, params.stop)  # this row's stop string, if it came first
+            reason = "stop" if matched is not None else reason
             text = self.tok.decode(toks, skip_special_tokens=True)
-            completions.append(Completion(list(p), toks, text, logps[i, : len(toks)].tolist(), reason))
+            completions.append(Completion(list(p), toks, text, logps[i, : len(toks)].tolist(), reason,
+                                          stop_reason=matched))
         return completions
 
     def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor):

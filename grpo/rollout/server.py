@@ -55,7 +55,9 @@ def samples_from(choices: list[dict[str, Any]], num_prompts: int, n: int) -> lis
         lps = [float(x) for x in (c.get("logprobs") or {}).get("token_logprobs") or []]
         if len(lps) != len(ids):
             raise ServerError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
-        out.append({"ids": ids, "logprobs": lps, "finish_reason": "stop" if c["finish_reason"] == "stop" else "length"})
+        reason = c.get("stop_reason")
+        out.append({"ids": ids, "logprobs": lps, "finish_reason": "stop" if c["finish_reason"] == "stop" else "length",
+                    "stop_reason": reason if isinstance(reason, str) else None})
     return [out[i * n : (i + 1) * n] for i in range(num_prompts)]
 
 

@@ -148,12 +148,15 @@ def sampling_fields(params: SamplingParams, stop_ids: list[int]) -> dict[str, An
     return {"max_tokens": params.max_new_tokens, "temperature": 0.0 if params.greedy else params.temperature,
             "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else -1, "min_p": 0.0,
             "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-            "stop_token_ids": stop_ids, "logprobs": 0, "skip_special_tokens": True}
+            "stop_token_ids": stop_ids, "logprobs": 0, "skip_special_tokens": True,
+            # stop strings (an inline tool call's closing tag) stay in the output: the ids are what was sampled
+            **({"stop": list(params.stop), "include_stop_str_in_output": True} if params.stop else {})}
 
 
 def vllm_sampling_params(params: SamplingParams, n: int, stop_ids: list[int], seed: int | None = None):
     vllm = import_vllm()
-    return vllm.SamplingParams(n=n, seed=seed, detokenize=False, **sampling_fields(params, stop_ids))
+    # vLLM matches stop strings on the text it detokenizes: only then is detokenizing worth its time
+    return vllm.SamplingParams(n=n, seed=seed, detokenize=bool(params.stop), **sampling_fields(params, stop_ids))
 
 
 def sample_dicts(request_output) -> list[dict[str, Any]]:
@@ -165,13 +168,14 @@ def sample_dicts(request_output) -> list[dict[str, Any]]:
         lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=False)]
         if len(lps) != len(ids):
             raise RuntimeError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
-        out.append({"ids": ids, "logprobs": lps, "finish_reason": "stop" if c.finish_reason == "stop" else "length"})
+        out.append({"ids": ids, "logprobs": lps, "finish_reason": "stop" if c.finish_reason == "stop" else "length",
+                    "stop_reason": c.stop_reason if isinstance(c.stop_reason, str) else None})
     return out
 
 
 def completions(prompt: list[int], samples: list[dict[str, Any]], tok) -> list[Completion]:
     return [Completion(list(prompt), s["ids"], tok.decode(s["ids"], skip_special_tokens=True), s["logprobs"],
-                       s["finish_reason"]) for s in samples]
+                       s["finish_reason"], stop_reason=s.get("stop_reason")) for s in samples]
 
 
 def probe_logprobs_vllm(llm, ids: list[int]) -> list[float]:

@@ -23,7 +23,9 @@ import torch
 from grpo.algo.advantages import zero_variance_groups
 from grpo.runtime import collectives as coll
 
-SCHEMA_VERSION = 1
+# 2 added the multi-turn columns (turns, tool_calls); a version-1 file reads as one without tool calls
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = {1, 2}
 
 
 class Metrics:
@@ -111,11 +113,36 @@ def rollout_records(step: int, groups: list, trainer_logprob_mean: list[list[flo
                         "prompt": g.row["prompt"], "completion": c.text, "answer": str(g.row.get("answer", "")),
                         **{f"reward/{k}": v[j] for k, v in g.rewards.items()}, "reward_total": tot,
                         "reward_error": math.isnan(tot), "advantage": a, "num_tokens": len(c.ids),
-                        "finish_reason": c.finish_reason,
-                        "engine_logprob_mean": float(np.mean(c.logprobs)) if c.logprobs else math.nan,
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                        "engine_logprob_mean": _sampled_mean(c),
+                        "tool_calls": sum(t["tool"] is not None for t in c.turns or []),
+                        "turns": json.dumps(c.turns) if c.turns is not None else None,
                         "trainer_logprob_mean": means[j],
                         "policy_version": policy_version if c.version is None else c.version})
     return out
+
+
+def _sampled_mean(c) -> float:
+    """The engine's mean logprob over the tokens it sampled (an appended tool answer has none)."""
+    lps = c.logprobs if c.mask is None else [x for x, m in zip(c.logprobs, c.mask, strict=True) if m]
+    return float(np.mean(lps)) if lps else math.nan
+
+
+def tool_metrics(groups: list) -> dict[str, float]:
+    """Multi-turn rollouts over all ranks: turns and tool calls per completion, the share of calls that could not be
+    read, that failed, that timed out, and the tools' seconds (summed over calls, run in parallel)."""
+    turns = [t for g in groups for c in g.completions for t in c.turns or []]
+    calls = [t for t in turns if t["tool"] is not None or t["error"] == "malformed call: no opening tag"]
+    answered = [t for t in calls if t["result"] is not None]
+    s = coll.sum_named({"completions": sum(len(g.completions) for g in groups), "turns": len(turns),
+                        "calls": len(calls), "malformed": sum(t["tool"] is None for t in calls),
+                        "errors": sum(t["error"] is not None and t["tool"] is not None for t in answered),
+                        "timeouts": sum(str(t["error"]).startswith("timed out") for t in answered),
+                        "seconds": sum(t["seconds"] for t in answered)})
+    n, k = max(s["completions"], 1.0), max(s["calls"], 1.0)
+    return {"tools/turns_mean": s["turns"] / n, "tools/calls_per_completion": s["calls"] / n,
+            "tools/malformed_frac": s["malformed"] / k, "tools/error_frac": s["errors"] / k,
+            "tools/timeouts": s["timeouts"], "tools/seconds": s["seconds"]}
 
 
 def step_metrics(groups: list, reward_names: list[str], rounds: int) -> dict[str, float]:

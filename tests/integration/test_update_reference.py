@@ -1,6 +1,7 @@
 """The update's gradient checked for size: `grpo.loop.update.update` on hand-built groups (lengths 1 to 9, a NaN total,
 micro-batches with different token counts, several vocabulary chunks) against an independent float64 reference,
-for token, sequence and constant aggregation, plain, with KL, with importance weights that cut; then the same
+for token, sequence and constant aggregation, plain, with KL, with importance weights that cut, and with tool
+spans masked out of every term (KL and importance weights on); then the same
 groups split unevenly over two ranks at ZeRO-0, 2 and 3. Adam is nearly scale-invariant, so a wrong `* world`, a
 wrong accumulation scale or swapped normalisers train about as well and only a check of the gradient's size
 catches them. The worker (tests/update_reference_worker.py) documents the reference."""
@@ -19,7 +20,7 @@ from tests.helpers import RECIPE, ROOT
 
 pytestmark = pytest.mark.integration
 
-CASES = {f"{a}/{v}{s}" for a in ("token", "sequence", "constant") for v in ("plain", "kl", "tis")
+CASES = {f"{a}/{v}{s}" for a in ("token", "sequence", "constant") for v in ("plain", "kl", "tis", "tools")
          for s in ("", "/step2")}
 
 
@@ -50,8 +51,8 @@ def check(norms: dict[str, list[float]]) -> None:
         assert abs(ours - ref) <= 2e-4 * ref, f"{case}: update's grad norm {ours:.8g}, reference {ref:.8g}"
     # the variants differ from each other, so each one's check means something
     for agg in ("token", "sequence", "constant"):
-        vals = [norms[f"{agg}/{v}"][1] for v in ("plain", "kl", "tis")]
-        assert len({round(v, 6) for v in vals}) == 3, (agg, vals)
+        vals = [norms[f"{agg}/{v}"][1] for v in ("plain", "kl", "tis", "tools")]
+        assert len({round(v, 6) for v in vals}) == 4, (agg, vals)
 
 
 @pytest.mark.numerics

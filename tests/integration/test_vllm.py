@@ -87,6 +87,31 @@ def test_vllm_and_hf_agree_on_logprobs(engine, hf_model, tokenizer, temperature,
             assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4), (c.logprobs, ref.tolist())
 
 
+
+def check_stop_strings(groups, tokenizer, stop: str) -> int:
+    """Every completion that holds `stop` ends on the token completing its first occurrence, recorded with
+    finish_reason stop; the others hold none. Returns how many stopped on it."""
+    stopped = 0
+    for c in (c for g in groups for c in g):
+        if c.stop_reason == stop:
+            stopped += 1
+            assert c.finish_reason == "stop" and stop in tokenizer.decode(c.ids, skip_special_tokens=True)
+            assert stop not in tokenizer.decode(c.ids[:-1], skip_special_tokens=True)
+            assert len(c.logprobs) == len(c.ids)
+        else:
+            assert c.stop_reason is None and stop not in tokenizer.decode(c.ids, skip_special_tokens=True)
+    return stopped
+
+
+def test_vllm_ends_completions_on_a_stop_string(engine, tokenizer):
+    """vLLM matches stop strings on the text it detokenizes; the completing token is kept (the ids are what was
+    sampled) and the string recorded. "e" is in most words, so most of 16 samples stop on it."""
+    from grpo.rollout.base import SamplingParams
+
+    prompts = [tokenizer.encode("What is 2 + 3?"), tokenizer.encode("Name a colour.")]
+    out = engine.generate(prompts, 8, SamplingParams(12, 1.0, 1.0, stop=("e",)))
+    assert check_stop_strings(out, tokenizer, "e") > 0
+
 @pytest.mark.numerics
 def test_sync_reflects_new_weights_and_catches_corruption(engine, hf_model, tokenizer, caplog, monkeypatch):
     from grpo.rollout import vllm_engine
@@ -237,6 +262,9 @@ def test_server_sync_checks_catch_corruption_and_a_dead_server(tmp_path, vllm_ti
                 assert c.prompt_ids == p_ids and len(c.ids) == len(c.logprobs) >= 1
                 assert torch.allclose(torch.tensor(c.logprobs), _hf_logprobs(model, p_ids, c.ids, 0.9, 1.0),
                                       atol=1e-4)
+
+        assert check_stop_strings(engine.generate([prompt, prompt[:-1]], 8, SamplingParams(8, stop=("e",))),
+                                  tok, "e") > 0  # the server's stop strings, read back through the OpenAI API
 
         from grpo.rollout.transfer.broadcast import BroadcastTrainerEngine
 

@@ -253,3 +253,52 @@ def test_prefix_attention_wraps_flash_in_place(monkeypatch):
     assert wrapped.grpo_prefix_base is original
     module = types.SimpleNamespace(training=False)
     assert wrapped(module, 1, 2, 3, None) == ("out", None) and calls == ["flash"]
+
+
+def _masked(seqs: list[Sequence], seed: int = 5) -> list[Sequence]:
+    """The same sequences with tool spans: in every completion of 3+ tokens, a run of tokens in the middle (and in
+    one completion its first token) marked as appended, not sampled."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, s in enumerate(seqs):
+        n = len(s.completion_ids)
+        mask = [1] * n
+        if n >= 3:
+            start = int(torch.randint(1, n - 1, (1,), generator=g))
+            for j in range(start, min(n - 1, start + 1 + i % 3)):
+                mask[j] = 0
+        if i == 1:
+            mask[0] = 0  # a completion that opens on appended tokens
+        out.append(Sequence(s.prompt_ids, s.completion_ids, mask))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["prefix", "padded", "packed"])
+def test_masked_tokens_are_context_but_never_predicted(model, layout):
+    """Tool spans (mask 0): the logprobs and entropies are those of the sampled tokens only, in order, equal to the
+    full computation at those positions; the gradient equals the full computation's with the appended tokens'
+    terms left out (so no gradient flows through an appended token's logit); lengths count sampled tokens."""
+    seqs = _masked(groups(seed=4))
+    keep = torch.tensor([m for s in seqs for m in s.mask], dtype=torch.bool)
+    assert 0 < int(keep.sum()) < len(keep)
+    weights = torch.linspace(-1, 1, len(keep))
+    model.zero_grad()
+    full = torch.cat(reference_logprobs(model, seqs, temperature=0.7))
+    (full * weights * keep).sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    mb = build_micro_batch(seqs, 0, layout)
+    lp, ent = completion_logprobs(model, mb, 0.7, chunk_size=3)
+    assert lp.shape == (int(keep.sum()),) and ent.shape == lp.shape
+    assert torch.allclose(lp, full[keep], atol=1e-5)
+    (lp * weights[keep]).sum().backward()
+    for r, p in zip(ref, model.parameters(), strict=False):
+        assert torch.allclose(p.grad, r, atol=1e-5), layout
+    per_seq = [sum(s.mask) for s in seqs]
+    assert mb.seq_len.tolist() == [per_seq[i] for i in mb.seq_index.tolist()]
+    assert mb.targets.tolist() == [t for s in seqs for t, m in zip(s.completion_ids, s.mask, strict=True) if m]
+
+
+def test_a_mask_that_does_not_cover_its_completion_is_refused():
+    with pytest.raises(ValueError, match="masks cover 2 tokens, the completions hold 3"):
+        build_micro_batch([Sequence([1, 2], [3, 4, 5], [1, 0])], 0, "packed")

@@ -118,3 +118,42 @@ def test_samples_come_from_the_full_distribution(tiny_model_dir, tokenizer):
                           sum(t not in top50 for t in firsts) / n)):
         sigma = (p * (1 - p) / n) ** 0.5
         assert abs(got - p) < 5 * sigma + 1e-3, f"{name}: sampled {got:.3f}, model's probability {p:.3f}"
+
+
+def _shortest_prefix_with(ids, tok, stop):
+    """An independent route to the cut: the first prefix, token by token, whose text holds `stop`."""
+    return next(k for k in range(1, len(ids) + 1) if stop in tok.decode(ids[:k], skip_special_tokens=False))
+
+
+def test_cut_at_stop_keeps_the_token_that_completes_the_earliest_stop(tokenizer):
+    from grpo.rollout.base import cut_at_stop
+
+    text = "Let me compute <calc>17*23</calc> then <result>391</result> and more"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    cut, which = cut_at_stop(ids, tokenizer, ("</result>", "</calc>"))
+    assert which == "</calc>" and len(cut) == _shortest_prefix_with(ids, tokenizer, "</calc>")
+    assert tokenizer.decode(cut).endswith("</calc>") and cut == ids[: len(cut)]
+    assert cut_at_stop(ids, tokenizer, ("</python>",)) == (ids, None)
+    assert cut_at_stop(ids, tokenizer, ()) == (ids, None)
+
+
+def test_hf_engine_ends_a_completion_on_a_stop_string(tiny_model_dir, tokenizer):
+    """Sampled with a fixed seed, then again with a stop string taken from the first sample: the second ends on the
+    token completing that string (the same tokens before it), with the string recorded and finish_reason stop."""
+    model = load_model(str(tiny_model_dir), "float32")
+    eng = HFEngine(model, tokenizer, batch_size=1)
+    prompt = _prompts(tokenizer)[1]
+    for seed in range(50):
+        torch.manual_seed(seed)
+        free = eng.generate([prompt], 1, SamplingParams(24, temperature=1.0))[0][0]
+        words = [tokenizer.decode([t]) for t in free.ids[2:]]
+        stop = next((w for w in words if w.strip().isalpha() and len(w.strip()) >= 3), None)
+        if stop is not None:
+            break
+    assert stop is not None, "no sample of 24 tokens held a word token"
+    torch.manual_seed(seed)
+    c = eng.generate([prompt], 1, SamplingParams(24, temperature=1.0, stop=(stop,)))[0][0]
+    assert c.stop_reason == stop and c.finish_reason == "stop"
+    assert c.ids == free.ids[: _shortest_prefix_with(free.ids, tokenizer, stop)]
+    assert c.logprobs == pytest.approx(free.logprobs[: len(c.ids)], abs=1e-5)
+    assert free.stop_reason is None

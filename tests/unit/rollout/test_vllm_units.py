@@ -40,7 +40,8 @@ def test_completions_are_read_prompt_major():
                 "finish_reason": "stop" if i % 2 else "length"} for i in range(6)]
     got = server_client.samples_from(choices, 2, 3)
     assert [[s["ids"][0] for s in g] for g in got] == [[5, 6, 7], [8, 9, 10]]
-    assert got[1][0] == {"ids": [8, 2], "logprobs": [-3.5, -0.1], "finish_reason": "stop"}
+    assert got[1][0] == {"ids": [8, 2], "logprobs": [-3.5, -0.1], "finish_reason": "stop",
+                         "stop_reason": None}
     with pytest.raises(server_client.ServerError, match="expected 4 completions, got 6"):
         server_client.samples_from(choices, 2, 2)
     choices[0]["logprobs"]["token_logprobs"] = [-0.5]
