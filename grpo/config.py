@@ -117,6 +117,8 @@ class DataConfig(_Section):
     answer_pattern: Str | None = Field(None, description="hf: regex whose group 1 is the gold answer (GSM8K: "
                                                          "`####\\s*(.+)$`)")
     system_prompt: Str | None = Field(None, description="a system message before every prompt")
+    few_shot: list[dict[str, Str]] = Field([], description="example exchanges, each {user, assistant}, shown before "
+                                           "every prompt (after the system message)")
     prompt_template: Str = Field("{question}", description="formatted with the row's columns")
     num_train: int = Field(2000, gt=0, description="prompts in the training split (reasoning_gym; hf: at most)")
     num_eval: int = Field(200, ge=0, description="held-out prompts, never trained on")
@@ -125,6 +127,9 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        for n, ex in enumerate(self.few_shot):
+            if set(ex) != {"user", "assistant"}:
+                raise _Bad(f"few_shot[{n}]", f"needs exactly the keys user and assistant, got {sorted(ex)}")
         if self.source == "hf" and not self.path:
             raise _Bad("path", "required when data.source is 'hf' (a hub name or a local file)")
         try:

@@ -193,6 +193,9 @@ def render(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer) -> PromptSet:
                 raise ConfigError(f"data.prompt_template: no column {e.args[0]!r} (columns: {sorted(row)})") from None
             messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else [])
             messages.append({"role": "user", "content": user})
+        if cfg.few_shot:  # the examples go after the system message, before the conversation
+            at = 1 if messages[0]["role"] == "system" else 0
+            messages[at:at] = [{"role": r, "content": ex[r]} for ex in cfg.few_shot for r in ("user", "assistant")]
         cont = messages[-1]["role"] == "assistant"
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not cont,
                                              continue_final_message=cont)

@@ -153,7 +153,7 @@ def test_embedded_model_calls_the_calculator_and_trains_on_what_it_sampled(embed
     answered = [t for c in comps for t in c.turns if t["tool"] == "calculator" and t["result"] is not None]
     assert answered, [c.text for c in comps]
     for t in answered:
-        assert t["result"] == calculator(t["arguments"]) or t["result"].startswith("error: ")
+        assert t["result"].startswith("error: ") or t["result"] == calculator(t["arguments"])
     seqs = [Sequence(c.prompt_ids, c.ids, c.mask) for c in comps]
     with torch.no_grad():
         lp, _ = completion_logprobs(model, build_micro_batch(seqs, tokenizer.pad_token_id, "padded"), 0.7)
@@ -193,6 +193,6 @@ def test_calculator_recipe_trains_with_tool_calls(tmp_path):
     turns = [json.loads(t) for t in df["turns"]]
     assert all(len(t) >= 1 for t in turns)
     calls = [x for t in turns for x in t if x["tool"] == "calculator" and x["result"] is not None]
-    assert calls and all(x["result"] == calculator(x["arguments"]) or x["result"].startswith("error: ")
+    assert calls and all(x["result"].startswith("error: ") or x["result"] == calculator(x["arguments"])
                          for x in calls)
     assert (df["tool_calls"] == [sum(x["tool"] is not None for x in t) for t in turns]).all()

@@ -113,3 +113,16 @@ def test_gsm8k_style_answers_are_extracted(tmp_path, caplog):
 def test_bad_answer_pattern_named(pattern, message):
     with pytest.raises(ConfigError, match=f"data.answer_pattern: .*{message}"):
         DataConfig(source="hf", path="x.jsonl", answer_pattern=pattern).validate()
+
+
+def test_few_shot_examples_go_between_the_system_message_and_the_prompt(tokenizer):
+    rows = [{"prompt_id": "a", "question": "1+1?", "answer": "2"}]
+    shots = [{"user": "2+2?", "assistant": "4"}, {"user": "3+3?", "assistant": "6"}]
+    ps = render(rows, DataConfig(system_prompt="Be brief.", few_shot=shots), tokenizer)
+    assert [(m["role"], m["content"]) for m in ps.rows[0]["prompt_messages"]] == [
+        ("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("user", "3+3?"), ("assistant", "6"),
+        ("user", "1+1?")]
+    plain = render(rows, DataConfig(few_shot=shots[:1]), tokenizer).rows[0]["prompt_messages"]
+    assert [m["role"] for m in plain] == ["user", "assistant", "user"]
+    with pytest.raises(ConfigError, match=r"data.few_shot\[0\]: needs exactly the keys user and assistant"):
+        DataConfig(few_shot=[{"question": "2+2?", "assistant": "4"}])
