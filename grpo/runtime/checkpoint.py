@@ -139,8 +139,21 @@ def _has(d: dict[str, Any], dotted: str) -> bool:
     return True
 
 
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+    """The saved config with every key added since it was written filled in with today's default: a run written
+    before `data.few_shot` existed ran without examples, which is what the default means."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    # a key the saved config does not have was added since (sft.*): nothing to compare it with
+    from grpo.config import Config
+
+    # a section the saved config does not have was added since (sft.*): nothing to compare it with; a key added to
+    # a section it has compares as the key's default
+    defaults = Config.model_construct().model_dump(by_alias=True, warnings=False)
+    saved = {k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}
     changed = [k for k in MUST_MATCH if _has(saved, k) and _get(saved, k) != _get(current, k)]
     if changed:
         raise ConfigError(f"checkpoint {path} was written with a different {', '.join(changed)} "
