@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from grpo.commands.view import group_summary, group_table, load_run, pass_at_k_table, prompt_history, summary
+from grpo.commands.view import (conversation, group_summary, group_table, load_run, pass_at_k_table,
+                               prompt_history, summary)
 
 RUN_DIR = os.environ.get("GRPO_RUN_DIR", "../runs/smollm2-135m-arith")
 pd.set_option("display.max_colwidth", 120)
@@ -59,6 +60,14 @@ PROMPT_ID = groups.sort_values("reward_std", ascending=False)["prompt_id"].iloc[
 row = groups.set_index("prompt_id").loc[PROMPT_ID]
 print(f"step {STEP}  prompt {PROMPT_ID}  answer {row['answer']}\\n{row['prompt']}")
 display(group_table(run, STEP, PROMPT_ID))"""),
+    ("md", "## Tool calls, turn by turn\nFor runs with `rollout.tools`: one completion of the group above that "
+           "called a tool, each turn with its tool, arguments, answer or error, and the call's seconds."),
+    ("code", """table = group_table(run, STEP, PROMPT_ID)
+callers = table[table["tool_calls"] > 0] if "tool_calls" in table else table.iloc[0:0]
+if callers.empty:
+    print("no completion of this group called a tool")
+else:
+    display(conversation(run, STEP, PROMPT_ID, int(callers["sample_index"].iloc[0])))"""),
     ("md", "## Filters\nGroups with no signal, truncated completions, reward errors, the highest and lowest "
            "advantages, and a text search over completions."),
     ("code", """r = run.rollouts

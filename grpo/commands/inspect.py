@@ -5,7 +5,15 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from grpo.commands.view import RunError, group_summary, group_table, load_run, pass_at_k_table, summary
+from grpo.commands.view import (
+    RunError,
+    conversation,
+    group_summary,
+    group_table,
+    load_run,
+    pass_at_k_table,
+    summary,
+)
 
 
 def _short(text: str, n: int = 90) -> str:
@@ -29,6 +37,7 @@ def inspect_run(path: str, step: int | None = None, prompt: str | None = None, t
         s = int(groups["step"].iloc[0])
         if prompt is not None:
             _print_group(console, run, s, prompt)
+            _print_conversations(console, run, s, prompt)
             return 0
         for title, part in (("worst", groups.head(top)), ("best", groups.tail(top).iloc[::-1])):
             for _, g in part.iterrows():
@@ -58,3 +67,17 @@ def _print_group(console: Console, run, step: int, prompt_id: str, title: str | 
         t.add_row(*[_short(v) if isinstance(v, str) else (f"{v:.3f}" if isinstance(v, float) else str(v))
                     for v in r.values])
     console.print(t)
+
+
+def _print_conversations(console: Console, run, step: int, prompt_id: str) -> None:
+    """Each completion of the group that called a tool, turn by turn."""
+    df = group_table(run, step, prompt_id)
+    for i in df[df["tool_calls"] > 0]["sample_index"] if "tool_calls" in df else []:
+        turns = conversation(run, step, prompt_id, int(i))
+        t = Table(title=f"completion {int(i)}, turn by turn")
+        for c in turns.columns:
+            t.add_column(c, overflow="fold")
+        for _, r in turns.iterrows():
+            t.add_row(*["" if v is None or v != v else _short(v) if isinstance(v, str) else
+                        (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in r.values])
+        console.print(t)

@@ -113,7 +113,7 @@ def group_table(run: Run, step: int, prompt_id: str) -> pd.DataFrame:
     if df.empty:
         raise RunError(f"no group for prompt {prompt_id!r} at step {step}")
     cols = ["sample_index", "completion", *[f"reward/{n}" for n in run.reward_names], "reward_total", "advantage",
-            "num_tokens", "finish_reason"]
+            "num_tokens", "finish_reason", "tool_calls"]
     return df[[c for c in cols if c in df.columns]].sort_values("sample_index")
 
 
@@ -135,6 +135,19 @@ def group_summary(run: Run, step: int | None = None) -> pd.DataFrame:
     return g.reset_index().sort_values("reward_mean")
 
 
+def conversation(run: Run, step: int, prompt_id: str, sample_index: int) -> pd.DataFrame:
+    """One completion turn by turn (multi-turn rollouts): what the model wrote, the tool it called with which
+    arguments, the answer or error, and the seconds the call took. Empty for a completion without turns."""
+    r = run.rollouts
+    df = r[(r["step"] == step) & (r["prompt_id"] == prompt_id) & (r["sample_index"] == sample_index)]
+    if df.empty:
+        raise RunError(f"no completion {sample_index} of prompt {prompt_id!r} at step {step}")
+    raw = df["turns"].iloc[0] if "turns" in df else None
+    turns = json.loads(raw) if isinstance(raw, str) else []
+    cols = ["turn", "text", "tool", "arguments", "result", "error", "seconds"]
+    return pd.DataFrame([{"turn": i, **{k: t.get(k) for k in cols[1:]}} for i, t in enumerate(turns)], columns=cols)
+
+
 def prompt_history(run: Run, prompt_id: str) -> pd.DataFrame:
     """The same prompt across every step it was sampled at (and its eval answers), to see answers change."""
     r = run.rollouts
@@ -154,6 +167,9 @@ def summary(run: Run) -> dict[str, object]:
         out["zero-variance groups (last)"] = f"{last['groups/zero_variance_frac']:.2f}"
         out["median step time (s)"] = f"{m['time/step'].median():.1f}"
         out["reward errors (total)"] = int(m["reward/errors"].sum())
+        if "tools/calls_per_completion" in m:
+            out["tool calls per completion (first -> last)"] = (f"{first['tools/calls_per_completion']:.2f} -> "
+                                                               f"{last['tools/calls_per_completion']:.2f}")
     if "eval/accuracy" in run.metrics:
         ev = run.metrics.dropna(subset=["eval/accuracy"])
         out["eval accuracy by step"] = ", ".join(f"{int(s)}: {a:.3f}" for s, a in zip(ev["step"], ev["eval/accuracy"],

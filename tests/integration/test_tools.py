@@ -196,3 +196,19 @@ def test_calculator_recipe_trains_with_tool_calls(tmp_path):
     assert calls and all(x["result"].startswith("error: ") or x["result"] == calculator(x["arguments"])
                          for x in calls)
     assert (df["tool_calls"] == [sum(x["tool"] is not None for x in t) for t in turns]).all()
+    # the readers: one completion turn by turn, and `grpo inspect --prompt` printing it
+    from io import StringIO
+
+    from rich.console import Console
+
+    from grpo.commands.inspect import inspect_run
+    from grpo.commands.view import conversation, load_run
+
+    caller = df[df["tool_calls"] > 0].iloc[0]
+    conv = conversation(load_run(run), int(caller["step"]), caller["prompt_id"], int(caller["sample_index"]))
+    assert list(conv.columns) == ["turn", "text", "tool", "arguments", "result", "error", "seconds"]
+    assert conv["tool"].iloc[0] == "calculator" and conv["turn"].tolist() == list(range(len(conv)))
+    out = StringIO()
+    assert inspect_run(str(run), step=int(caller["step"]), prompt=caller["prompt_id"],
+                       console=Console(file=out, width=200)) == 0
+    assert "turn by turn" in out.getvalue() and "calculator" in out.getvalue()
