@@ -129,13 +129,14 @@ class ToolRollout:
                 elif o.error is not None:
                     turn["error"] = o.error.strip().splitlines()[-1] if o.error.strip() else "error"
                 text = f"error: {turn['error']}" if turn["error"] else o.value
-            turn["result"] = text
-            self._append(c, text, budget)
+            turn["result"] = self._append(c, text, budget)
 
-    def _append(self, c: Conversation, output: str, budget: int) -> None:
-        """The answer's ids, its output cut to max_tool_output_tokens (head and tail), then to the budget."""
+    def _append(self, c: Conversation, output: str, budget: int) -> str:
+        """The answer's ids, its output cut to max_tool_output_tokens (head and tail), then to the budget; returns
+        the output as the model sees it (what the records keep)."""
         head, tail = self._text_ids(self.fmt.answer("").removesuffix("</result>")), self._text_ids("</result>")
-        body = truncate_ids(self._text_ids(output), self.max_output_tokens, self.marker)
+        full = self._text_ids(output)
+        body = truncate_ids(full, self.max_output_tokens, self.marker)
         ids = head + body + tail
         room = budget - len(c.ids)
         if len(ids) >= room:
@@ -143,6 +144,7 @@ class ToolRollout:
         c.ids += ids
         c.mask += [0] * len(ids)
         c.logprobs += [0.0] * len(ids)
+        return output if body is full else self.tok.decode(body, skip_special_tokens=False)
 
     def _completion(self, c: Conversation) -> Completion:
         text = self.tok.decode(c.ids, skip_special_tokens=True)

@@ -212,3 +212,44 @@ def test_calculator_recipe_trains_with_tool_calls(tmp_path):
     assert inspect_run(str(run), step=int(caller["step"]), prompt=caller["prompt_id"],
                        console=Console(file=out, width=200)) == 0
     assert "turn by turn" in out.getvalue() and "calculator" in out.getvalue()
+
+
+@pytest.mark.root
+def test_hostile_python_tool_calls_are_bounded_and_the_run_goes_on(tokenizer, pool, tmp_path, monkeypatch):
+    """The `python` tool through ToolRollout, against code that forks without end, reads the environment and the
+    home directory, prints 1 MB, sleeps past its time and raises: every call comes back as an answer (bounded to
+    max_tool_output_tokens), no secret leaks into the sequence, and the conversations all finish."""
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    if shutil.which("bwrap") is None:
+        pytest.fail("bubblewrap is missing: scripts/system-deps.sh installs it")
+    secret = uuid.uuid4().hex
+    monkeypatch.setenv("GRPO_TEST_SECRET", secret)
+    home_secret = Path.home() / f".grpo-secret-{secret[:8]}"
+    home_secret.write_text(secret)
+    hostile = {
+        1: "import os\nwhile True:\n    os.fork()",
+        2: f"import os\nprint(os.environ)\nprint(open({str(home_secret)!r}).read())",
+        3: "print('x' * 1_000_000)",
+        4: "import time\ntime.sleep(100)",
+        5: "raise RuntimeError('boom')",
+    }
+    scripts = {k: [f"<python>{code}</python>", " done."] for k, code in hostile.items()}
+    eng = Scripted(tokenizer, scripts)
+    try:
+        roll = ToolRollout(eng, tokenizer, [load_tool("python")], 2, 20.0, 24, pool)
+        out = roll.generate([[k] for k in scripts], 1, SamplingParams(400))
+    finally:
+        home_secret.unlink()
+    by = {k: g[0] for k, g in zip(scripts, out, strict=True)}
+    for c in by.values():
+        assert c.turns[0]["tool"] == "python" and c.turns[0]["result"] is not None
+        assert c.text.endswith(" done.") and len(c.turns) == 2
+        assert secret not in c.text
+        answer = [t for t, m in zip(c.ids, c.mask, strict=True) if not m]
+        assert len(answer) <= 24 + len(tokenizer("<result></result>", add_special_tokens=False)["input_ids"]) + 2
+    assert "the program ran past 5 s" in by[4].turns[0]["result"]
+    assert "RuntimeError: boom" in by[5].turns[0]["result"]
+    assert " [...] " in by[3].turns[0]["result"] or "[...]" in tokenizer.decode(by[3].ids)
