@@ -89,8 +89,7 @@ def build_batch(cfg: Config, learner: Learner, groups: list[Group]) -> Batch:
                 continue
             seqs.append(Sequence(c.prompt_ids, c.ids, c.mask))
             adv.append(a)
-            sampled = c.logprobs if c.mask is None else [x for x, m in zip(c.logprobs, c.mask, strict=True) if m]
-            rollout_lp.append(sampled)  # the engine's logprobs of its sampled tokens (an appended one has none)
+            rollout_lp.append(c.sampled_logprobs())
             valid.append(not math.isnan(tot))
             where.append((gi, ci))
     n_tok = sum(groups[gi].completions[ci].sampled() for (gi, ci), v in zip(where, valid, strict=True) if v)

@@ -49,6 +49,10 @@ class Completion:
         """How many tokens the engine sampled: what the loss and its length normalisation count."""
         return len(self.ids) if self.mask is None else sum(self.mask)
 
+    def sampled_logprobs(self) -> list[float]:
+        """The engine's logprobs of the tokens it sampled (an appended tool answer has none)."""
+        return self.logprobs if self.mask is None else [x for x, m in zip(self.logprobs, self.mask, strict=True) if m]
+
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]: ...

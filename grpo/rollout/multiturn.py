@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from grpo.rollout.base import Completion, RolloutEngine, SamplingParams
-from grpo.rollout.tools import InlineFormat, Tool, call_tool, truncate_ids
+from grpo.rollout.tools import RESULT_CLOSE, RESULT_OPEN, TRUNCATED, InlineFormat, Tool, call_tool, truncate_ids
 from grpo.runtime import collectives as coll
 
 
@@ -42,7 +42,9 @@ class ToolRollout:
         self.tools = {t.name: t for t in tools}
         self.fmt = InlineFormat(tools)
         self.max_turns, self.timeout, self.max_output_tokens = max_turns, timeout, max_output_tokens
-        self.marker = self._text_ids(" [...] ")
+        # the answer's frame and the truncation marker, tokenized once (as every answer's text is: as text)
+        self.open_ids, self.close_ids = self._text_ids(RESULT_OPEN), self._text_ids(RESULT_CLOSE)
+        self.marker = self._text_ids(TRUNCATED)
 
     # the engine interface, delegated
     def sync(self, model, version: int = 0) -> dict[str, float]:
@@ -134,10 +136,9 @@ class ToolRollout:
     def _append(self, c: Conversation, output: str, budget: int) -> str:
         """The answer's ids, its output cut to max_tool_output_tokens (head and tail), then to the budget; returns
         the output as the model sees it (what the records keep)."""
-        head, tail = self._text_ids(self.fmt.answer("").removesuffix("</result>")), self._text_ids("</result>")
         full = self._text_ids(output)
         body = truncate_ids(full, self.max_output_tokens, self.marker)
-        ids = head + body + tail
+        ids = self.open_ids + body + self.close_ids
         room = budget - len(c.ids)
         if len(ids) >= room:
             ids, c.done, c.finish_reason = ids[:room], True, "length"

@@ -109,12 +109,13 @@ def rollout_records(step: int, groups: list, trainer_logprob_mean: list[list[flo
     out = []
     for gi, (g, means) in enumerate(zip(groups, trainer_logprob_mean, strict=True)):
         for j, (c, tot, a) in enumerate(zip(g.completions, g.total, g.advantages, strict=True)):
+            lps = c.sampled_logprobs()
             out.append({"step": step, "prompt_id": g.row["prompt_id"], "group_index": gi, "sample_index": j,
                         "prompt": g.row["prompt"], "completion": c.text, "answer": str(g.row.get("answer", "")),
                         **{f"reward/{k}": v[j] for k, v in g.rewards.items()}, "reward_total": tot,
                         "reward_error": math.isnan(tot), "advantage": a, "num_tokens": len(c.ids),
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                        "engine_logprob_mean": _sampled_mean(c),
+                        "engine_logprob_mean": float(np.mean(lps)) if lps else math.nan,
                         "tool_calls": sum(t["tool"] is not None for t in c.turns or []),
                         "turns": json.dumps(c.turns) if c.turns is not None else None,
                         "trainer_logprob_mean": means[j],
@@ -122,17 +123,11 @@ def rollout_records(step: int, groups: list, trainer_logprob_mean: list[list[flo
     return out
 
 
-def _sampled_mean(c) -> float:
-    """The engine's mean logprob over the tokens it sampled (an appended tool answer has none)."""
-    lps = c.logprobs if c.mask is None else [x for x, m in zip(c.logprobs, c.mask, strict=True) if m]
-    return float(np.mean(lps)) if lps else math.nan
-
-
 def tool_metrics(groups: list) -> dict[str, float]:
     """Multi-turn rollouts over all ranks: turns and tool calls per completion, the share of calls that could not be
     read, that failed, that timed out, and the tools' seconds (summed over calls, run in parallel)."""
     turns = [t for g in groups for c in g.completions for t in c.turns or []]
-    calls = [t for t in turns if t["tool"] is not None or t["error"] == "malformed call: no opening tag"]
+    calls = [t for t in turns if t["arguments"] is not None]  # every call read, malformed ones (no tool) included
     answered = [t for t in calls if t["result"] is not None]
     s = coll.sum_named({"completions": sum(len(g.completions) for g in groups), "turns": len(turns),
                         "calls": len(calls), "malformed": sum(t["tool"] is None for t in calls),
